@@ -1,0 +1,42 @@
+"""kdsim: JAX Monte Carlo simulator for the generalization theory of knowledge distillation.
+
+Quick start::
+
+    import kdsim
+    res = kdsim.simulate({"task": {"n": 64}, "student": {"alpha": 0.3}})
+    res.summary          # dataset-averaged quantities with CIs
+    res.per_dataset      # one row per dataset
+    res.plot("overview.png")
+"""
+
+from .config import (
+    ConfigError,
+    EstimatorsConfig,
+    LangevinConfig,
+    ModelConfig,
+    SimConfig,
+    StudentConfig,
+    TaskConfig,
+    TeacherConfig,
+    load_config,
+)
+from .io import ResultFileError, load_result
+from .result import Result
+from .simulate import run_populations, simulate
+
+__all__ = [
+    "ConfigError",
+    "EstimatorsConfig",
+    "LangevinConfig",
+    "ModelConfig",
+    "Result",
+    "ResultFileError",
+    "SimConfig",
+    "StudentConfig",
+    "TaskConfig",
+    "TeacherConfig",
+    "load_config",
+    "load_result",
+    "run_populations",
+    "simulate",
+]

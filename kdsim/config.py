@@ -1,0 +1,580 @@
+"""Simulation configuration: frozen, validated dataclasses (API.md, "Configuration").
+
+A config names only what it changes; every field has a default. ``None`` in a
+field means "the SPEC default", which may depend on other fields (``gamma = n /
+nu^2``, the linear step size, a student field that inherits the teacher's).
+:func:`resolve` turns a config into the concrete numbers a run uses, split into the
+fields that fix array shapes (:class:`Static`, hashable, static to ``jax.jit``) and
+the numeric ones (:class:`Numeric`, traced, so changing them never recompiles).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, NamedTuple
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+TASKS = ("linear_gaussian", "mlp_regression", "mlp_classification")
+ACTIVATIONS = ("tanh", "relu", "gelu", "softplus", "sigmoid", "identity")
+DIVERGENCES = ("exact", "stationary", "gaussian_full", "gaussian_diag", "knn", "girsanov")
+CGFS = ("exact", "empirical")
+DTYPES = ("float32", "float64")
+# TOML configs are data written by people: anything this large is a mistake or an attack.
+MAX_TOML_BYTES = 1 << 20
+
+
+class ConfigError(ValueError):
+    """A config field has a bad value; the message names the field and what is allowed."""
+
+
+# --------------------------------------------------------------------------------------
+# Field checks: each takes a raw value, returns the normalised value or raises
+# ValueError with the allowed range (the caller prefixes the field's dotted name).
+
+
+@dataclass(frozen=True)
+class _Int:
+    lo: int | None = None
+    hi: int | None = None
+    optional: bool = False
+
+    def __call__(self, v: Any) -> int | None:
+        if v is None and self.optional:
+            return None
+        # bool is an int subclass in Python; `n = true` in a TOML file is a mistake.
+        if isinstance(v, bool) or not isinstance(v, int):
+            if isinstance(v, float) and v.is_integer() and math.isfinite(v):
+                v = int(v)
+            else:
+                raise ValueError(f"must be {self.describe()}")
+        if (self.lo is not None and v < self.lo) or (self.hi is not None and v > self.hi):
+            raise ValueError(f"must be {self.describe()}")
+        return int(v)
+
+    def describe(self) -> str:
+        rng = []
+        if self.lo is not None:
+            rng.append(f">= {self.lo}")
+        if self.hi is not None:
+            rng.append(f"<= {self.hi}")
+        s = "an integer" + (" " + " and ".join(rng) if rng else "")
+        return s + (" or null" if self.optional else "")
+
+
+@dataclass(frozen=True)
+class _Float:
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    optional: bool = False
+
+    def __call__(self, v: Any) -> float | None:
+        if v is None and self.optional:
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"must be {self.describe()}")
+        v = float(v)
+        ok = math.isfinite(v)
+        ok = ok and (self.gt is None or v > self.gt) and (self.ge is None or v >= self.ge)
+        ok = ok and (self.lt is None or v < self.lt) and (self.le is None or v <= self.le)
+        if not ok:
+            raise ValueError(f"must be {self.describe()}")
+        return v
+
+    def describe(self) -> str:
+        parts = []
+        if self.gt is not None:
+            parts.append(f"> {self.gt:g}")
+        if self.ge is not None:
+            parts.append(f">= {self.ge:g}")
+        if self.lt is not None:
+            parts.append(f"< {self.lt:g}")
+        if self.le is not None:
+            parts.append(f"<= {self.le:g}")
+        s = "a finite number" + (" " + " and ".join(parts) if parts else "")
+        return s + (" or null" if self.optional else "")
+
+
+@dataclass(frozen=True)
+class _Choice:
+    choices: tuple[str, ...]
+    optional: bool = False
+
+    def __call__(self, v: Any) -> str | None:
+        if v is None and self.optional:
+            return None
+        if not isinstance(v, str) or v not in self.choices:
+            raise ValueError(f"must be {self.describe()}")
+        return v
+
+    def describe(self) -> str:
+        s = "one of " + ", ".join(repr(c) for c in self.choices)
+        return s + (" or null" if self.optional else "")
+
+
+@dataclass(frozen=True)
+class _Bool:
+    def __call__(self, v: Any) -> bool:
+        if not isinstance(v, bool):
+            raise ValueError("must be true or false")
+        return v
+
+    def describe(self) -> str:
+        return "true or false"
+
+
+def _f(default: Any, check: Callable[[Any], Any], *, static: bool, doc: str = "") -> Any:
+    return field(default=default, metadata={"check": check, "static": static, "doc": doc})
+
+
+def _sub(factory: Callable[[], Any]) -> Any:
+    return field(default_factory=factory, metadata={"sub": True})
+
+
+class _Validated:
+    """Mixin: validate and normalise every checked field on construction."""
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            check = f.metadata.get("check")
+            value = getattr(self, f.name)
+            if check is None:
+                continue
+            try:
+                normalised = check(value)
+            except ValueError as err:
+                raise ConfigError(f"{f.name} {err}, got {value!r}") from None
+            object.__setattr__(self, f.name, normalised)
+
+
+# --------------------------------------------------------------------------------------
+# The config tree.
+
+
+@dataclass(frozen=True)
+class TaskConfig(_Validated):
+    name: str = _f("linear_gaussian", _Choice(TASKS), static=True)
+    d: int = _f(8, _Int(1, 65536), static=True, doc="input dimension")
+    k: int = _f(2, _Int(1, 4096), static=True, doc="output dimension (regression)")
+    n: int = _f(64, _Int(1, 1 << 24), static=True, doc="training points per dataset")
+    noise: float = _f(0.5, _Float(gt=0.0), static=False, doc="label noise nu")
+    input_scale: float = _f(1.0, _Float(gt=0.0), static=False, doc="c")
+    input_decay: float = _f(0.0, _Float(ge=-4.0, le=16.0), static=False, doc="a")
+    signal_decay: float = _f(1.0, _Float(ge=-4.0, le=16.0), static=False, doc="b")
+    n_test: int = _f(4096, _Int(1, 1 << 24), static=True)
+    num_classes: int = _f(3, _Int(2, 4096), static=True)
+    planted_width: int = _f(32, _Int(1, 65536), static=True)
+    planted_scale: float = _f(2.0, _Float(ge=0.0), static=False)
+
+
+@dataclass(frozen=True)
+class ModelConfig(_Validated):
+    width: int = _f(64, _Int(1, 65536), static=True)
+    depth: int = _f(1, _Int(1, 64), static=True)
+    activation: str = _f("tanh", _Choice(ACTIVATIONS), static=True)
+
+
+def _student_model() -> ModelConfig:
+    return ModelConfig(width=8)
+
+
+@dataclass(frozen=True)
+class LangevinConfig(_Validated):
+    """Langevin settings of the student; every ``None`` inherits the teacher's setting."""
+
+    gamma: float | None = _f(None, _Float(gt=0.0, optional=True), static=False)
+    prior_scale: float | None = _f(None, _Float(gt=0.0, optional=True), static=False)
+    init_scale: float | None = _f(None, _Float(ge=0.0, optional=True), static=False)
+    step_size: float | None = _f(None, _Float(gt=0.0, optional=True), static=False)
+    num_steps: int | None = _f(None, _Int(0, 10_000_000, optional=True), static=True)
+
+
+@dataclass(frozen=True)
+class TeacherConfig(_Validated):
+    gamma: float | None = _f(None, _Float(gt=0.0, optional=True), static=False,
+                             doc="inverse temperature; null = n/nu^2 (classification: n)")
+    prior_scale: float = _f(1.0, _Float(gt=0.0), static=False, doc="s0")
+    init_scale: float = _f(1.0, _Float(ge=0.0), static=False, doc="s_init")
+    step_size: float | None = _f(None, _Float(gt=0.0, optional=True), static=False,
+                                 doc="h; null = SPEC default")
+    num_steps: int = _f(2000, _Int(0, 10_000_000), static=True)
+    model: ModelConfig = _sub(ModelConfig)
+
+
+@dataclass(frozen=True)
+class StudentConfig(_Validated):
+    alpha: float = _f(0.0, _Float(ge=0.0, le=1.0), static=False)
+    rank: int | None = _f(None, _Int(1, 65536, optional=True), static=True,
+                          doc="subspace rank r (linear task); null = full")
+    teacher_noise: float = _f(0.0, _Float(ge=0.0), static=False, doc="nu_T")
+    temperature: float = _f(1.0, _Float(gt=0.0), static=False, doc="tau")
+    langevin: LangevinConfig = _sub(LangevinConfig)
+    model: ModelConfig = _sub(_student_model)
+
+
+@dataclass(frozen=True)
+class EstimatorsConfig(_Validated):
+    bound_divergence: str | None = _f(None, _Choice(DIVERGENCES, optional=True), static=True)
+    cgf: str | None = _f(None, _Choice(CGFS, optional=True), static=True)
+    channel_noise: float | None = _f(None, _Float(gt=0.0, optional=True), static=False)
+    ghost_points: int | None = _f(None, _Int(1, 1 << 24, optional=True), static=True)
+    knn_k: int = _f(5, _Int(1, 1000), static=True)
+    ess_fraction: float = _f(0.1, _Float(gt=0.0, le=1.0), static=False)
+    c_lam: float = _f(0.5, _Float(gt=0.0, lt=1.0), static=False)
+    b3_holdout: float = _f(0.25, _Float(gt=0.0, lt=1.0), static=True)
+
+
+@dataclass(frozen=True)
+class SimConfig(_Validated):
+    """A whole simulation. Build with ``SimConfig.from_dict`` or :func:`load_config`."""
+
+    task: TaskConfig = _sub(TaskConfig)
+    teacher: TeacherConfig = _sub(TeacherConfig)
+    student: StudentConfig = _sub(StudentConfig)
+    estimators: EstimatorsConfig = _sub(EstimatorsConfig)
+    num_datasets: int = _f(16, _Int(1, 1 << 20), static=True)
+    num_particles: int = _f(256, _Int(2, 1 << 30), static=True)
+    seed: int = _f(0, _Int(0, 2**32 - 1), static=True)
+    dtype: str = _f("float32", _Choice(DTYPES), static=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, cls in (("task", TaskConfig), ("teacher", TeacherConfig),
+                          ("student", StudentConfig), ("estimators", EstimatorsConfig)):
+            if not isinstance(getattr(self, name), cls):
+                raise ConfigError(f"{name} must be a {cls.__name__}, got {getattr(self, name)!r}")
+        self._check_consistency()
+
+    def _check_consistency(self) -> None:
+        t, s = self.task, self.student
+        if s.rank is not None:
+            if t.name != "linear_gaussian":
+                raise ConfigError(
+                    "student.rank applies to the linear_gaussian task only "
+                    f"(task.name is {t.name!r}); use student.model.width for MLP students")
+            if s.rank > t.d:
+                raise ConfigError(f"student.rank must be <= task.d = {t.d}, got {s.rank}")
+        if t.name == "mlp_classification" and s.teacher_noise != 0.0:
+            raise ConfigError(
+                "student.teacher_noise must be 0 for mlp_classification (soft labels are "
+                f"already distributions), got {s.teacher_noise!r}")
+
+    # ---------------------------------------------------------------- (de)serialisation
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "SimConfig":
+        """Build a config from a (possibly partial, possibly dotted-key) mapping."""
+        return _build(cls, d, "")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Nested plain dict; ``SimConfig.from_dict(cfg.to_dict()) == cfg``."""
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        """TOML text (fields set to null are omitted: absent means default)."""
+        return _to_toml(self.to_dict())
+
+    def replace(self, updates: Mapping[str, Any]) -> "SimConfig":
+        """A new config with dotted-path updates, e.g. ``{"task.n": 128}``."""
+        merged = _nest(self.to_dict())
+        for key, value in updates.items():
+            _set_dotted(merged, key, value)
+        return SimConfig.from_dict(merged)
+
+    def hash(self) -> str:
+        """Stable content hash (hex sha256) of the config."""
+        text = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(text.encode()).hexdigest()
+
+
+_SECTIONS = {"task": TaskConfig, "teacher": TeacherConfig, "student": StudentConfig,
+             "estimators": EstimatorsConfig}
+
+
+def field_paths(cls: type = SimConfig, prefix: str = "") -> list[str]:
+    """Every dotted field path of a config class (for hints, sweeps and docs)."""
+    out = []
+    for f in dataclasses.fields(cls):
+        path = prefix + f.name
+        if f.metadata.get("sub"):
+            out.extend(field_paths(_sub_class(cls, f.name), path + "."))
+        else:
+            out.append(path)
+    return out
+
+
+def _sub_class(cls: type, name: str) -> type:
+    hints = {"task": TaskConfig, "teacher": TeacherConfig, "student": StudentConfig,
+             "estimators": EstimatorsConfig, "model": ModelConfig, "langevin": LangevinConfig}
+    return hints[name]
+
+
+def _nest(d: Mapping[str, Any]) -> dict[str, Any]:
+    """Copy a mapping, expanding dotted keys ``"a.b": v`` into nested dicts."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        if not isinstance(key, str):
+            raise ConfigError(f"config keys must be strings, got {key!r}")
+        if isinstance(value, Mapping):
+            value = _nest(value)
+        _set_dotted(out, key, value)
+    return out
+
+
+def _set_dotted(d: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = d
+    for p in parts[:-1]:
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{p} must be a table, got {nxt!r}")
+        node = nxt
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        for k2, v2 in value.items():
+            _set_dotted(node[parts[-1]], k2, v2)
+    else:
+        node[parts[-1]] = value
+
+
+def _build(cls: type, d: Any, prefix: str) -> Any:
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table, got {d!r}")
+    d = _nest(d)
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in d.items():
+        if key not in names:
+            path = prefix + key
+            candidates = field_paths(SimConfig)
+            hint = difflib.get_close_matches(path, candidates, n=1, cutoff=0.6)
+            if not hint:
+                hint = difflib.get_close_matches(key, [c.rsplit(".", 1)[-1] for c in candidates
+                                                       if c.startswith(prefix)], n=1)
+                hint = [prefix + h for h in hint]
+            msg = f"unknown key {path!r}"
+            if hint:
+                msg += f" (did you mean {hint[0]!r}?)"
+            raise ConfigError(msg)
+        f = names[key]
+        if f.metadata.get("sub"):
+            kwargs[key] = _build(_sub_class(cls, key), value, prefix + key + ".")
+        else:
+            kwargs[key] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        msg = str(err)
+        # Field-level messages start with the bare field name; give them the full path.
+        first = msg.split(" ", 1)[0]
+        if first in names:
+            msg = prefix + msg
+        raise ConfigError(msg) from None
+
+
+def _to_toml(d: Mapping[str, Any], prefix: str = "") -> str:
+    scalars, tables = [], []
+    for key, value in d.items():
+        if isinstance(value, Mapping):
+            tables.append((key, value))
+        elif value is not None:
+            scalars.append(f"{key} = {_toml_value(value)}")
+    out = ""
+    if scalars:
+        if prefix:
+            out += f"[{prefix}]\n"
+        out += "\n".join(scalars) + "\n\n"
+    for key, value in tables:
+        out += _to_toml(value, f"{prefix}.{key}" if prefix else key)
+    return out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v)
+    raise TypeError(f"cannot write {v!r} to TOML")
+
+
+def load_config(path: str | os.PathLike[str]) -> SimConfig:
+    """Read a TOML config file (size-capped; parsed as data, never executed)."""
+    return SimConfig.from_dict(read_toml(path))
+
+
+def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        size = os.path.getsize(path)
+    except OSError as err:
+        raise ConfigError(f"cannot read config file {os.fspath(path)!r}: {err.strerror}") from None
+    if size > MAX_TOML_BYTES:
+        raise ConfigError(f"config file {os.fspath(path)!r} is {size} bytes; "
+                          f"the limit is {MAX_TOML_BYTES}")
+    with open(path, "rb") as fh:
+        data = fh.read()
+    return parse_toml(data.decode("utf-8", errors="replace"), str(path))
+
+
+def parse_toml(text: str, where: str = "<string>") -> dict[str, Any]:
+    if len(text.encode()) > MAX_TOML_BYTES:
+        raise ConfigError(f"config {where} is larger than {MAX_TOML_BYTES} bytes")
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config {where} is not valid TOML: {err}") from None
+
+
+# --------------------------------------------------------------------------------------
+# Resolution: concrete numbers for one run.
+
+
+class Static(NamedTuple):
+    """Everything that fixes array shapes or code paths: static to ``jax.jit``."""
+
+    task: str
+    d: int
+    k: int
+    n: int
+    rank: int  # r; == d for the full student (Pi = I)
+    full_student: bool
+    num_datasets: int
+    num_particles: int
+    teacher_steps: int
+    student_steps: int
+    dtype: str
+    n_test: int
+    num_classes: int
+    planted_width: int
+    teacher_width: int
+    teacher_depth: int
+    teacher_activation: str
+    student_width: int
+    student_depth: int
+    student_activation: str
+
+
+class LangevinNumeric(NamedTuple):
+    gamma: float
+    prior_scale: float
+    init_scale: float
+    step_size: float
+
+
+class Numeric(NamedTuple):
+    """Every traced number of a run (a pytree of scalars)."""
+
+    teacher: LangevinNumeric
+    student: LangevinNumeric
+    alpha: float
+    teacher_noise: float
+    temperature: float
+    noise: float
+    input_scale: float
+    input_decay: float
+    signal_decay: float
+    planted_scale: float
+    channel_noise: float
+
+
+class Resolved(NamedTuple):
+    static: Static
+    numeric: Numeric
+    bound_divergence: str
+    cgf: str
+    ghost_points: int
+    warnings: tuple[str, ...]
+
+
+def default_gamma(task: TaskConfig) -> float:
+    """SPEC default inverse temperature: the Bayesian posterior ``n / nu^2`` (classification: n)."""
+    if task.name == "mlp_classification":
+        return float(task.n)
+    return task.n / task.noise**2
+
+
+def input_variances(task: TaskConfig) -> list[float]:
+    """Diagonal of Sx: ``c * j^(-a)``, j = 1..d."""
+    return [task.input_scale * j ** (-task.input_decay) for j in range(1, task.d + 1)]
+
+
+def linear_curvature_estimate(task: TaskConfig, gamma: float, prior_scale: float) -> float:
+    """Estimate of lambda_max(gamma Cxx + I/s0^2): ``gamma max(Sx) (1 + sqrt(d/n))^2 + 1/s0^2``.
+
+    ``(1 + sqrt(d/n))^2`` is the Marchenko--Pastur edge of the sample covariance.
+    """
+    return gamma * max(input_variances(task)) * (1 + math.sqrt(task.d / task.n)) ** 2 \
+        + 1.0 / prior_scale**2
+
+
+def default_step_size(task: TaskConfig, gamma: float, prior_scale: float) -> float:
+    if task.name == "linear_gaussian":
+        return 0.1 / linear_curvature_estimate(task, gamma, prior_scale)
+    return 1e-3
+
+
+def resolve(cfg: SimConfig) -> Resolved:
+    """Fill every SPEC default and split the config into static and traced parts."""
+    task, t, s, est = cfg.task, cfg.teacher, cfg.student, cfg.estimators
+    warnings: list[str] = []
+
+    gamma_t = t.gamma if t.gamma is not None else default_gamma(task)
+    h_t = t.step_size if t.step_size is not None else default_step_size(task, gamma_t, t.prior_scale)
+    teacher = LangevinNumeric(gamma_t, t.prior_scale, t.init_scale, h_t)
+
+    sl = s.langevin
+    gamma_s = sl.gamma if sl.gamma is not None else gamma_t
+    s0_s = sl.prior_scale if sl.prior_scale is not None else t.prior_scale
+    init_s = sl.init_scale if sl.init_scale is not None else t.init_scale
+    if sl.step_size is not None:
+        h_s = sl.step_size
+    elif t.step_size is not None:
+        h_s = t.step_size
+    else:  # the SPEC default evaluated at the student's own gamma and prior
+        h_s = default_step_size(task, gamma_s, s0_s)
+    steps_s = sl.num_steps if sl.num_steps is not None else t.num_steps
+    student = LangevinNumeric(gamma_s, s0_s, init_s, h_s)
+
+    if task.name == "linear_gaussian":
+        for who, p in (("teacher", teacher), ("student.langevin", student)):
+            limit = 2.0 / linear_curvature_estimate(task, p.gamma, p.prior_scale)
+            if p.step_size > limit:
+                warnings.append(
+                    f"{who}.step_size = {p.step_size:.3g} is above the stability estimate "
+                    f"2 / (gamma c (1 + sqrt(d/n))^2 + 1/s0^2) = {limit:.3g}: chains may diverge")
+
+    full = s.rank is None or s.rank == task.d
+    rank = task.d if full else int(s.rank)
+    linear_full = task.name == "linear_gaussian" and full
+    bound_div = est.bound_divergence or ("exact" if linear_full else "girsanov")
+    cgf = est.cgf or ("exact" if task.name == "linear_gaussian" else "empirical")
+    ghost = est.ghost_points if est.ghost_points is not None else task.n
+    nu_p = est.channel_noise if est.channel_noise is not None else task.noise
+
+    static = Static(
+        task=task.name, d=task.d, k=task.k, n=task.n, rank=rank, full_student=full,
+        num_datasets=cfg.num_datasets, num_particles=cfg.num_particles,
+        teacher_steps=t.num_steps, student_steps=steps_s, dtype=cfg.dtype,
+        n_test=task.n_test, num_classes=task.num_classes, planted_width=task.planted_width,
+        teacher_width=t.model.width, teacher_depth=t.model.depth,
+        teacher_activation=t.model.activation, student_width=s.model.width,
+        student_depth=s.model.depth, student_activation=s.model.activation)
+    numeric = Numeric(
+        teacher=teacher, student=student, alpha=s.alpha, teacher_noise=s.teacher_noise,
+        temperature=s.temperature, noise=task.noise, input_scale=task.input_scale,
+        input_decay=task.input_decay, signal_decay=task.signal_decay,
+        planted_scale=task.planted_scale, channel_noise=nu_p)
+    return Resolved(static, numeric, bound_div, cgf, ghost, tuple(warnings))
