@@ -1,0 +1,65 @@
+"""Small statistical helpers: standard errors, bootstrap CIs, grouped jackknife.
+
+Plain NumPy, float64. Randomness (the bootstrap) comes from an explicit
+``numpy.random.Generator`` that the caller seeds; there is no global RNG.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import stats as sps
+
+
+def mean_se(x: np.ndarray, axis: int = -1) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and standard error (sample std with ddof 1 over sqrt(count)) along ``axis``."""
+    x = np.asarray(x, np.float64)
+    count = x.shape[axis]
+    mean = x.mean(axis=axis)
+    se = x.std(axis=axis, ddof=1) / np.sqrt(count) if count > 1 else np.full_like(mean, np.nan)
+    return mean, se
+
+
+def bootstrap_ci(x: np.ndarray, rng: np.random.Generator, level: float = 0.95,
+                 num_resamples: int = 2000) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean of a 1-d sample (NaN if fewer than 2 values)."""
+    x = np.asarray(x, np.float64)
+    if x.size < 2:
+        return float("nan"), float("nan")
+    idx = rng.integers(0, x.size, size=(num_resamples, x.size))
+    means = x[idx].mean(axis=1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def jackknife_masks(n: int, num_groups: int = 32) -> np.ndarray:
+    """``(G + 1, n)`` boolean masks: row 0 keeps every sample, row g+1 drops group g.
+
+    Groups are G = min(num_groups, n) contiguous blocks (G = n: the ordinary jackknife).
+    """
+    G = int(min(num_groups, n))
+    masks = np.ones((G + 1, n), bool)
+    for g, idx in enumerate(np.array_split(np.arange(n), G)):
+        masks[g + 1, idx] = False
+    return masks
+
+
+def jackknife_combine(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Delete-a-group jackknife from estimates on the masks of :func:`jackknife_masks`.
+
+    Args:
+      theta: ``(G + 1, ...)``: the full-sample estimate, then the G leave-group-out ones.
+    Returns:
+      ``(theta_jack, se)``: ``theta_jack = G theta - (G - 1) mean_g theta_(g)`` removes
+      the O(1/n) bias; ``se^2 = (G - 1)/G sum_g (theta_(g) - mean)^2``.
+    """
+    G = theta.shape[0] - 1
+    full, loo = theta[0], theta[1:]
+    mean_loo = loo.mean(axis=0)
+    estimate = G * full - (G - 1) * mean_loo
+    se = np.sqrt((G - 1) / G * ((loo - mean_loo) ** 2).sum(axis=0))
+    return estimate, se
+
+
+def bonferroni_z(num_tests: int, familywise: float = 1e-3) -> float:
+    """Two-sided |z| limit that keeps the family-wise false-alarm rate at ``familywise``."""
+    return float(sps.norm.isf(familywise / (2 * max(num_tests, 1))))
