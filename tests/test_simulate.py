@@ -1,0 +1,142 @@
+"""simulate(): columns, notes, no recompilation, save/load, plot, precision, reproducibility."""
+
+import json
+import os
+
+import numpy as np
+import pandas as pd
+import pytest
+
+import kdsim
+from kdsim import populations
+from kdsim.io import NPZ_NAME, JSON_NAME, ResultFileError
+from kdsim.tasks import linear_gaussian as lg
+
+from helpers import config
+
+SMALL = {"task": {"d": 3, "k": 2, "n": 16}, "teacher": {"num_steps": 40},
+         "num_datasets": 3, "num_particles": 64}
+
+ISSUE_COLUMNS = ["dataset", "gen_T", "gen_S", "gen_T_se", "gen_S_se", "gen_T_exact", "gen_S_exact",
+                 "kl_exact", "kl_stationary", "klpred_exact", "klpred_convexity",
+                 "klpred_convexity_exact", "decomp_bias", "decomp_subspace", "decomp_rank",
+                 "decomp_variance", "diverged_T", "diverged_S"]
+
+
+@pytest.fixture(scope="module")
+def small_result():
+    return kdsim.simulate(SMALL)
+
+
+def test_columns_and_summary(small_result):
+    res = small_result
+    for col in ISSUE_COLUMNS:
+        assert col in res.per_dataset.columns, col
+    assert list(res.per_dataset["dataset"]) == [0, 1, 2]
+    assert res.datasets["X"].shape == (3, 16, 3) and res.datasets["Y"].shape == (3, 16, 2)
+    assert res.datasets["W_star"].shape == (2, 3)
+    assert set(res.summary.columns) >= {"mean", "se", "ci_low", "ci_high"}
+    row = res.summary.loc["gen_T"]
+    v = res.per_dataset["gen_T"]
+    assert row["mean"] == pytest.approx(v.mean())
+    assert row["se"] == pytest.approx(v.std(ddof=1) / np.sqrt(3))
+    assert row["ci_low"] <= row["mean"] <= row["ci_high"]
+    assert np.all(np.isfinite(res.per_dataset[ISSUE_COLUMNS].to_numpy(float)))
+    assert res.notes == []
+    assert "<table" in res._repr_html_()
+
+
+def test_rank_student_reports_infinite_kl_with_reason():
+    res = kdsim.simulate({**SMALL, "student": {"rank": 2}})
+    assert np.all(np.isinf(res.per_dataset["kl_exact"]))
+    assert np.all(np.isinf(res.per_dataset["kl_stationary"]))
+    assert np.all(np.isfinite(res.per_dataset["klpred_exact"]))
+    assert any(n.startswith("kl_exact, kl_stationary: +inf") for n in res.notes)
+    assert any(n.startswith("kl_exact: infinite in 3 of 3") for n in res.notes)
+    assert res.summary.loc["kl_exact", "mean"] == np.inf
+
+
+def test_numeric_fields_do_not_recompile(small_result):
+    fns = [populations._linear_teachers, populations._linear_students, lg._standard_draws]
+    before = [f._cache_size() for f in fns]
+    changed = kdsim.simulate({**SMALL, "teacher": {"num_steps": 40, "gamma": 20.0, "step_size": 1e-3,
+                                                  "prior_scale": 2.0, "init_scale": 0.5},
+                              "task": {**SMALL["task"], "noise": 0.3, "input_scale": 2.0},
+                              "student": {"alpha": 0.4, "teacher_noise": 0.7,
+                                          "langevin": {"step_size": 5e-4, "gamma": 15.0}}})
+    assert [f._cache_size() for f in fns] == before
+    assert not np.allclose(changed.per_dataset["gen_S"], small_result.per_dataset["gen_S"])
+
+
+def test_same_config_is_bit_identical(small_result):
+    again = kdsim.simulate(SMALL)
+    pd.testing.assert_frame_equal(again.per_dataset, small_result.per_dataset, check_exact=True)
+
+
+def test_save_load_round_trip_is_exact(small_result, tmp_path):
+    res = small_result
+    res.save(tmp_path / "r")
+    back = kdsim.load_result(tmp_path / "r")
+    pd.testing.assert_frame_equal(back.per_dataset, res.per_dataset, check_exact=True)
+    pd.testing.assert_frame_equal(back.summary, res.summary, check_exact=True)
+    assert back.config == res.config and back.notes == res.notes
+    for key in res.datasets:
+        np.testing.assert_array_equal(back.datasets[key], res.datasets[key])
+    assert back.meta == json.loads(json.dumps(back.meta))
+
+
+def test_round_trip_keeps_infinities(tmp_path):
+    res = kdsim.simulate({**SMALL, "student": {"rank": 1}})
+    res.save(tmp_path / "r")
+    back = kdsim.load_result(tmp_path / "r")
+    pd.testing.assert_frame_equal(back.per_dataset, res.per_dataset, check_exact=True)
+    pd.testing.assert_frame_equal(back.summary, res.summary, check_exact=True)
+
+
+def test_corrupted_or_foreign_results_are_refused(small_result, tmp_path):
+    small_result.save(tmp_path / "r")
+    npz = tmp_path / "r" / NPZ_NAME
+    blob = npz.read_bytes()
+    npz.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(ResultFileError, match="checksum"):
+        kdsim.load_result(tmp_path / "r")
+    small_result.save(tmp_path / "s")
+    header = json.loads((tmp_path / "s" / JSON_NAME).read_text())
+    header["schema"] = "kdsim.result/999"
+    (tmp_path / "s" / JSON_NAME).write_text(json.dumps(header))
+    with pytest.raises(ResultFileError, match="schema"):
+        kdsim.load_result(tmp_path / "s")
+    with pytest.raises(ResultFileError, match="missing"):
+        kdsim.load_result(tmp_path / "nothing")
+
+
+def test_plot_writes_png(small_result, tmp_path):
+    path = tmp_path / "p.png"
+    fig = small_result.plot(path)
+    assert path.stat().st_size > 10_000
+    titles = [ax.get_title() for ax in fig.axes]
+    assert any("gaps" in t for t in titles)
+
+
+def test_float64_engine_same_datasets_close_values():
+    r32 = kdsim.run_populations(SMALL)
+    r64 = kdsim.run_populations({**SMALL, "dtype": "float64"})
+    np.testing.assert_array_equal(r32.data.X, r64.data.X)
+    assert r64.populations.teacher.dtype == np.float64
+    assert r32.populations.teacher.dtype == np.float32
+
+
+def test_unavailable_task_is_a_clear_error():
+    with pytest.raises(kdsim.ConfigError, match="task.name 'mlp_regression' is not available"):
+        kdsim.simulate({"task": {"name": "mlp_regression"}})
+
+
+def test_monte_carlo_matches_exact_at_default_shape():
+    """Default-like shape (d=8, k=2, n=64): gaps within Bonferroni of the closed forms."""
+    res = kdsim.simulate({"teacher": {"num_steps": 300}, "num_datasets": 8, "num_particles": 512,
+                          "student": {"alpha": 0.3, "teacher_noise": 0.5}})
+    df = res.per_dataset
+    from kdsim.stats import bonferroni_z
+    z = np.concatenate([((df[c] - df[c + "_exact"]) / df[c + "_se"]).to_numpy()
+                        for c in ("gen_T", "gen_S", "klpred_convexity")])
+    assert np.max(np.abs(z)) < bonferroni_z(z.size)
