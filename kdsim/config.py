@@ -234,6 +234,8 @@ class EstimatorsConfig(_Validated):
     ess_fraction: float = _f(0.1, _Float(gt=0.0, le=1.0), static=False)
     c_lam: float = _f(0.5, _Float(gt=0.0, lt=1.0), static=False)
     b3_holdout: float = _f(0.25, _Float(gt=0.0, lt=1.0), static=True)
+    b3_quantile: float = _f(1.0, _Float(gt=0.0, le=1.0), static=True,
+                            doc="quantile of the teacher's distances to its centre that sets rho")
 
 
 @dataclass(frozen=True)
@@ -266,6 +268,17 @@ class SimConfig(_Validated):
                     f"(task.name is {t.name!r}); use student.model.width for MLP students")
             if s.rank > t.d:
                 raise ConfigError(f"student.rank must be <= task.d = {t.d}, got {s.rank}")
+        est = self.estimators
+        p_dim = t.k * t.d
+        if est.bound_divergence == "gaussian_full" and self.num_particles < 5 * p_dim \
+                and t.name == "linear_gaussian":
+            raise ConfigError(
+                "estimators.bound_divergence = 'gaussian_full' needs num_particles >= 5 x the "
+                f"parameter dimension = {5 * p_dim}, got {self.num_particles}")
+        if est.bound_divergence == "knn" and self.num_particles < est.knn_k + 2:
+            raise ConfigError(
+                f"estimators.bound_divergence = 'knn' needs num_particles >= estimators.knn_k + 2 "
+                f"= {est.knn_k + 2}, got {self.num_particles}")
         if t.name == "mlp_classification" and s.teacher_noise != 0.0:
             raise ConfigError(
                 "student.teacher_noise must be 0 for mlp_classification (soft labels are "

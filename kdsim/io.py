@@ -85,9 +85,16 @@ def save_result(result: Result, path: str | os.PathLike[str]) -> str:
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     arrays: dict[str, np.ndarray] = {}
+    dtypes = {}
     for col in result.per_dataset.columns:
-        arrays[f"per_dataset/{col}"] = result.per_dataset[col].to_numpy()
+        series = result.per_dataset[col]
+        dtypes[col] = str(series.dtype)
+        if dtypes[col] == "boolean":   # nullable flags travel as 1.0 / 0.0 / NaN
+            arrays[f"per_dataset/{col}"] = series.to_numpy(dtype=np.float64, na_value=np.nan)
+        else:
+            arrays[f"per_dataset/{col}"] = series.to_numpy()
     arrays["summary"] = result.summary.to_numpy(dtype=np.float64)
+    arrays["pooled"] = result.pooled.to_numpy(dtype=np.float64)
     for name, value in result.datasets.items():
         arrays[f"datasets/{name}"] = np.asarray(value)
     buf = _io.BytesIO()
@@ -101,6 +108,10 @@ def save_result(result: Result, path: str | os.PathLike[str]) -> str:
         "notes": list(result.notes),
         "meta": _jsonable(result.meta),
         "per_dataset_columns": list(result.per_dataset.columns),
+        "per_dataset_dtypes": dtypes,
+        "pooled_index": list(result.pooled.index),
+        "pooled_columns": list(result.pooled.columns),
+        "pooled_attrs": _jsonable(dict(result.pooled.attrs)),
         "summary_index": list(result.summary.index),
         "summary_columns": list(result.summary.columns),
         "dataset_keys": list(result.datasets),
@@ -138,10 +149,20 @@ def load_result(path: str | os.PathLike[str]) -> Result:
         raise ResultFileError(f"{jpath}: the config does not match its hash")
     with np.load(_io.BytesIO(blob), allow_pickle=False) as z:
         per_dataset = pd.DataFrame({c: z[f"per_dataset/{c}"] for c in header["per_dataset_columns"]})
+        for col, dtype in header["per_dataset_dtypes"].items():
+            if dtype == "boolean":
+                per_dataset[col] = _flags(per_dataset[col].to_numpy())
+        pooled = pd.DataFrame(z["pooled"], index=pd.Index(header["pooled_index"], name="bound"),
+                              columns=header["pooled_columns"])
+        pooled.attrs.update(header["pooled_attrs"])
         summary = pd.DataFrame(z["summary"], index=pd.Index(header["summary_index"], name="quantity"),
                                columns=header["summary_columns"])
         datasets = {name: z[f"datasets/{name}"] for name in header["dataset_keys"]}
     if "n_datasets" in summary:
         summary["n_datasets"] = summary["n_datasets"].astype(np.int64)
     return Result(config=config, per_dataset=per_dataset, summary=summary, datasets=datasets,
-                  notes=list(header["notes"]), meta=header["meta"])
+                  notes=list(header["notes"]), meta=header["meta"], pooled=pooled)
+
+
+def _flags(values: np.ndarray) -> pd.arrays.BooleanArray:
+    return pd.array([pd.NA if np.isnan(v) else bool(v) for v in values], dtype="boolean")

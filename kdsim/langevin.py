@@ -49,6 +49,7 @@ class LangevinInfo(NamedTuple):
 class LangevinKernel(NamedTuple):
     init: Callable[[PyTree], LangevinState]
     step: Callable[[jax.Array, LangevinState, jax.Array, Any], tuple[LangevinState, LangevinInfo]]
+    update: Callable[[LangevinState, PyTree, jax.Array, Any], tuple[LangevinState, LangevinInfo]]
 
 
 def constant_schedule(step_size: jax.Array) -> Schedule:
@@ -64,7 +65,7 @@ def gaussian_like(key: jax.Array, tree: PyTree) -> PyTree:
     """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
     keys = [key] if len(leaves) == 1 else [jax.random.fold_in(key, i) for i in range(len(leaves))]
-    draws = [jax.random.normal(kk, jnp.shape(x), jnp.result_type(x)) for kk, x in zip(keys, leaves)]
+    draws = [streams.normal(kk, jnp.shape(x), jnp.result_type(x)) for kk, x in zip(keys, leaves)]
     return jax.tree_util.tree_unflatten(treedef, draws)
 
 
@@ -78,16 +79,18 @@ def build_kernel(grad_energy: Callable[[PyTree, Any], PyTree], schedule: Schedul
     Args:
       grad_energy: ``(position, batch) -> grad U(position)``, same pytree as position.
       schedule: ``t -> h_t`` (int32 global step index to step size).
+    Returns:
+      a :class:`LangevinKernel`; ``kernel.update(state, noise, t, batch)`` is the step
+      with its standard normal ``noise`` given (``step`` draws it from ``key``).
     """
 
     def init(position: PyTree) -> LangevinState:
         return LangevinState(position, jnp.asarray(False), jnp.asarray(-1, jnp.int32))
 
-    def step(key: jax.Array, state: LangevinState, t: jax.Array,
-             batch: Any = None) -> tuple[LangevinState, LangevinInfo]:
+    def update(state: LangevinState, noise: PyTree, t: jax.Array,
+               batch: Any = None) -> tuple[LangevinState, LangevinInfo]:
         h = schedule(t)
         grad = grad_energy(state.position, batch)
-        noise = gaussian_like(key, state.position)
         scale = jnp.sqrt(2.0 * h)
         proposal = jax.tree_util.tree_map(
             lambda w, g, xi: (w - h * g + scale * xi).astype(w.dtype),
@@ -97,10 +100,14 @@ def build_kernel(grad_energy: Callable[[PyTree, Any], PyTree], schedule: Schedul
         diverged = state.diverged | blew_up
         position = jax.tree_util.tree_map(
             lambda new, old: jnp.where(diverged, old, new), proposal, state.position)
-        diverged_step = jnp.where(newly, t.astype(jnp.int32), state.diverged_step)
+        diverged_step = jnp.where(newly, jnp.asarray(t, jnp.int32), state.diverged_step)
         return LangevinState(position, diverged, diverged_step), LangevinInfo(h, grad)
 
-    return LangevinKernel(init, step)
+    def step(key: jax.Array, state: LangevinState, t: jax.Array,
+             batch: Any = None) -> tuple[LangevinState, LangevinInfo]:
+        return update(state, gaussian_like(key, state.position), t, batch)
+
+    return LangevinKernel(init, step, update)
 
 
 def run(kernel: LangevinKernel, key: jax.Array, state: LangevinState, start: int, num_steps: int,
@@ -121,6 +128,52 @@ def run(kernel: LangevinKernel, key: jax.Array, state: LangevinState, start: int
         new, info = kernel.step(streams.step_key(key, t), st, t, batch)
         if accumulate is not None:
             acc = accumulate(acc, st, info)
+        return (new, acc), None
+
+    ts = jnp.arange(start, start + num_steps, dtype=jnp.int32)
+    (state, acc), _ = jax.lax.scan(body, (state, acc_init), ts)
+    return state, acc
+
+
+def run_population(kernel: LangevinKernel, keys: jax.Array, state: LangevinState, start: int,
+                   num_steps: int, batch: Any = None, particle_batch: Any = None,
+                   accumulate: Callable[[Any, LangevinState, LangevinInfo, Any], Any] | None = None,
+                   acc_init: Any = None) -> tuple[LangevinState, Any]:
+    """Advance a population ``(E, P)`` of chains: identical, chain by chain, to :func:`run`.
+
+    Args:
+      keys: ``(E, P)`` particle noise keys.
+      state: a :class:`LangevinState` whose leaves have leading axes ``(E, P)``.
+      batch: per-dataset pytree with leading axis E (shared by the P particles).
+      particle_batch: per-particle pytree with leading axes ``(E, P)``; the kernel's
+        energy gradient receives ``(batch, particle_batch)`` of one particle.
+      accumulate: ``(acc, pre_state, info, (batch, particle_batch)) -> acc`` for ONE particle.
+      acc_init: per-particle accumulators, leading axes ``(E, P)``.
+
+    The noise of each step is drawn over the flattened ``E * P`` axis (one ``vmap`` of
+    the same ``fold_in(key, t)`` draw :func:`run` makes): the numbers are the same, and
+    a single batch axis around the RNG compiles several times faster than two.
+    """
+    E, P = keys.shape
+    flat_keys = keys.reshape(-1)
+    template = jax.tree_util.tree_map(lambda x: x[0, 0], state.position)
+
+    def one(st, noise, t, b, pb):
+        return kernel.update(st, noise, t, (b, pb))
+
+    update = jax.vmap(jax.vmap(one, in_axes=(0, 0, None, None, 0)), in_axes=(0, 0, None, 0, 0))
+    if accumulate is not None:
+        acc_one = lambda acc, st, info, b, pb: accumulate(acc, st, info, (b, pb))
+        acc_fn = jax.vmap(jax.vmap(acc_one, in_axes=(0, 0, 0, None, 0)), in_axes=(0, 0, 0, 0, 0))
+
+    def body(carry, t):
+        st, acc = carry
+        step_keys = jax.vmap(lambda k: streams.step_key(k, t))(flat_keys)
+        noise = jax.vmap(lambda k: gaussian_like(k, template))(step_keys)
+        noise = jax.tree_util.tree_map(lambda x: x.reshape((E, P) + x.shape[1:]), noise)
+        new, info = update(st, noise, t, batch, particle_batch)
+        if accumulate is not None:
+            acc = acc_fn(acc, st, info, batch, particle_batch)
         return (new, acc), None
 
     ts = jnp.arange(start, start + num_steps, dtype=jnp.int32)

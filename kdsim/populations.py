@@ -47,53 +47,65 @@ def _cast(tree, dtype):
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), tree)
 
 
-def _langevin_chain(key_init: jax.Array, key_noise: jax.Array, C: jax.Array, B: jax.Array, *,
-                    shape: tuple[int, ...], p: LangevinNumeric, num_steps: int,
-                    dtype) -> langevin.LangevinState:
-    """One chain on ``U(W) = gamma [0.5 tr(W C W^T) - tr(B W^T)] + ||W||^2 / (2 s0^2)``."""
+def _normals(keys: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
+    """``(E, P) + shape`` standard normals, one draw per key (flat vmap: fast to compile)."""
+    E, P = keys.shape
+    draws = jax.vmap(lambda k: streams.normal(k, shape, dtype))(keys.reshape(-1))
+    return draws.reshape((E, P) + tuple(shape))
 
-    def grad_energy(w, _):
-        return p.gamma * lg.quadratic_grad(w, C, B) + w / p.prior_scale**2
+
+def _quadratic_population(keys_init, keys_noise, C, B, p: LangevinNumeric, num_steps: int,
+                          shared_B: bool):
+    """Chains on ``U(W) = gamma [0.5 tr(W C W^T) - tr(B W^T)] + ||W||^2 / (2 s0^2)``.
+
+    Args:
+      keys_init, keys_noise: ``(E, P)``; C: ``(E, q, q)`` per dataset; B: ``(E, k, q)``
+        per dataset if ``shared_B`` (teachers) else ``(E, P, k, q)`` per particle
+        (students, whose target depends on their partner).
+    Returns:
+      the final :class:`~kdsim.langevin.LangevinState`, leading axes ``(E, P)``.
+    """
+
+    def grad_energy(w, batch):
+        (C_e, B_e), B_i = batch
+        return p.gamma * lg.quadratic_grad(w, C_e, B_e if shared_B else B_i) + w / p.prior_scale**2
 
     kernel = langevin.build_kernel(grad_energy, langevin.constant_schedule(p.step_size))
-    w0 = p.init_scale * jax.random.normal(key_init, shape, dtype)
-    state, _ = langevin.run(kernel, key_noise, kernel.init(w0), 0, num_steps)
+    w0 = p.init_scale * _normals(keys_init, B.shape[-2:], B.dtype)
+    state = jax.vmap(jax.vmap(kernel.init))(w0)
+    dataset_batch, particle_batch = ((C, B), None) if shared_B else ((C, None), B)
+    state, _ = langevin.run_population(kernel, keys_noise, state, 0, num_steps,
+                                       batch=dataset_batch, particle_batch=particle_batch)
     return state
 
 
-@partial(jax.jit, static_argnames=("static",))
-def _linear_teachers(root, datasets, particles, Cxx, Cyx, p: LangevinNumeric, *, static: Static):
-    dtype = jnp.dtype(static.dtype)
+# Static arguments are only the step counts: shapes and dtypes come from the arrays, so
+# runs that differ in n, or in any numeric field, share one compiled program.
+
+
+@partial(jax.jit, static_argnames=("num_steps",))
+def _linear_teachers(root, datasets, particles, Cxx, Cyx, p: LangevinNumeric, *, num_steps: int):
     keys_init = streams.particle_keys(root, "teacher_init", datasets, particles)
     keys_noise = streams.particle_keys(root, "teacher_noise", datasets, particles)
-    chain = partial(_langevin_chain, shape=(static.k, static.d), p=p,
-                    num_steps=static.teacher_steps, dtype=dtype)
-    per_dataset = jax.vmap(chain, in_axes=(0, 0, None, None))
-    return jax.vmap(per_dataset)(keys_init, keys_noise, Cxx, Cyx)
+    return _quadratic_population(keys_init, keys_noise, Cxx, Cyx, p, num_steps, shared_B=True)
 
 
-@partial(jax.jit, static_argnames=("static",))
+@partial(jax.jit, static_argnames=("num_steps",))
 def _linear_students(root, datasets, particles, teacher, Cp, CyxPi, CxxPi, NoisePi,
-                     p: LangevinNumeric, alpha, teacher_noise, *, static: Static):
+                     p: LangevinNumeric, alpha, teacher_noise, *, num_steps: int):
     """Students in their own coordinates V (k x r); per-dataset matrices are
     ``Cp = Pi^T Cxx Pi``, ``CyxPi = Cyx Pi``, ``CxxPi = Cxx Pi``,
     ``NoisePi = Cxx^{1/2} Pi / sqrt(n)``."""
-    dtype = jnp.dtype(static.dtype)
+    k = CyxPi.shape[-2]
+    d = CxxPi.shape[-2]
     keys_init = streams.particle_keys(root, "student_init", datasets, particles)
     keys_noise = streams.particle_keys(root, "student_noise", datasets, particles)
-    keys_soft = streams.particle_keys(root, "soft_label", datasets, particles)
-
-    def one(k_init, k_noise, k_soft, w_t, Cp, CyxPi, CxxPi, NoisePi):
-        z = jax.random.normal(k_soft, (static.k, static.d), dtype)
-        B = alpha * CyxPi + (1 - alpha) * (
-            jnp.matmul(w_t, CxxPi, precision=HIGHEST)
-            + teacher_noise * jnp.matmul(z, NoisePi, precision=HIGHEST))
-        return _langevin_chain(k_init, k_noise, Cp, B, shape=(static.k, static.rank), p=p,
-                               num_steps=static.student_steps, dtype=dtype)
-
-    per_dataset = jax.vmap(one, in_axes=(0, 0, 0, 0, None, None, None, None))
-    return jax.vmap(per_dataset)(keys_init, keys_noise, keys_soft, teacher, Cp, CyxPi, CxxPi,
-                                 NoisePi)
+    z = _normals(streams.particle_keys(root, "soft_label", datasets, particles), (k, d), Cp.dtype)
+    # the distillation target of each student, frozen for its whole run: (E, P, k, r)
+    B = alpha * CyxPi[:, None] + (1 - alpha) * (
+        jnp.einsum("epkd,edr->epkr", teacher, CxxPi, precision=HIGHEST)
+        + teacher_noise * jnp.einsum("epkd,edr->epkr", z, NoisePi, precision=HIGHEST))
+    return _quadratic_population(keys_init, keys_noise, Cp, B, p, num_steps, shared_B=False)
 
 
 def symmetric_sqrt(C: np.ndarray) -> np.ndarray:
@@ -117,14 +129,14 @@ def run_linear(root: jax.Array, static: Static, numeric: Numeric, data: lg.Linea
         ps = jnp.asarray(particles, jnp.uint32)
         Cxx, Cyx = _cast(data.Cxx, dtype), _cast(data.Cyx, dtype)
         teachers = _linear_teachers(root, ds, ps, Cxx, Cyx, _cast(numeric.teacher, dtype),
-                                    static=static)
+                                    num_steps=static.teacher_steps)
         Pi, PiT = data.Pi, np.swapaxes(data.Pi, -1, -2)
         per_dataset = (PiT @ data.Cxx @ Pi, data.Cyx @ Pi, data.Cxx @ Pi,
                        symmetric_sqrt(data.Cxx) @ Pi / np.sqrt(static.n))
         students = _linear_students(
             root, ds, ps, teachers.position, *_cast(per_dataset, dtype),
             _cast(numeric.student, dtype), _cast(numeric.alpha, dtype),
-            _cast(numeric.teacher_noise, dtype), static=static)
+            _cast(numeric.teacher_noise, dtype), num_steps=static.student_steps)
         teacher_w = np.asarray(teachers.position)
         student_v = np.asarray(students.position)
     student_w = np.einsum("epkr,edr->epkd", student_v.astype(np.float64), data.Pi)

@@ -28,7 +28,7 @@ def summarize(per_dataset: pd.DataFrame, seed: int = 0, level: float = 0.95) -> 
     for col in per_dataset.columns:
         if col == "dataset":
             continue
-        v = per_dataset[col].to_numpy(dtype=np.float64)
+        v = per_dataset[col].to_numpy(dtype=np.float64, na_value=np.nan)
         n = v.size
         if np.isnan(v).any():
             rows[col] = (np.nan, np.nan, np.nan, np.nan, n)
@@ -55,6 +55,8 @@ class Result:
       datasets: ``{"X": (E, n, d), "Y": (E, n, k), "W_star": (k, d)}`` NumPy arrays.
       notes: every NaN/inf column with its reason, every failed assumption, every warning.
       meta: timings, versions, resolved defaults.
+      pooled: bounds on the dataset-averaged gap (K_n = E_D KL_D, E_D Lambda_D): value,
+        truth, tightness, valid.
     """
 
     config: SimConfig
@@ -63,6 +65,7 @@ class Result:
     datasets: dict[str, np.ndarray]
     notes: list[str] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    pooled: pd.DataFrame = field(default_factory=pd.DataFrame)
 
     def save(self, path: str | os.PathLike[str]) -> str:
         """Write ``path/result.json`` and ``path/result.npz`` (no pickle). Returns path."""

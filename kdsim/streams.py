@@ -77,3 +77,23 @@ def step_key(key: jax.Array, t: jax.Array | int) -> jax.Array:
 
 def index_range(start: int, size: int) -> jax.Array:
     return jnp.arange(start, start + size, dtype=jnp.uint32)
+
+
+def normal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """Standard normal draws of ``shape``, generated flat and reshaped.
+
+    Same law as ``jax.random.normal(key, shape)``; generating a 1-d array compiles
+    several times faster on XLA:CPU than a multi-dimensional one.
+    """
+    size = 1
+    for s in shape:
+        size *= int(s)
+    return jax.random.normal(key, (size,), dtype).reshape(shape)
+
+
+def rademacher(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
+    """Random signs of ``shape`` (flat generation, as :func:`normal`)."""
+    size = 1
+    for s in shape:
+        size *= int(s)
+    return jax.random.rademacher(key, (size,), dtype).reshape(shape)

@@ -14,7 +14,7 @@ from scipy import stats as sps
 
 from kdsim import closed_form, run_populations
 from kdsim.config import resolve
-from kdsim.simulate import linear_columns
+from kdsim import evaluation
 from kdsim.stats import bonferroni_z
 
 from helpers import config, z_from_p
@@ -70,7 +70,8 @@ def test_populations_match_finite_time_laws(rank, alpha, nu):
         joint_cov = np.block([[laws.Sigma_T[e], laws.C_V[e].T], [laws.C_V[e], laws.Sigma_V[e]]])
         zs[f"cov_joint[{e}]"] = _cov_chi2(joint, joint_mean, joint_cov)
 
-    df, _ = linear_columns(run)
+    ctx, _, _ = evaluation.context(run)
+    df = {**evaluation.closed_form_columns(ctx)[0], **evaluation.monte_carlo_columns(ctx)[0]}
     pairs = [("gen_T", "gen_T_se", "gen_T_exact"), ("gen_S", "gen_S_se", "gen_S_exact"),
              ("klpred_convexity", "klpred_convexity_se", "klpred_convexity_exact")]
     for term in ("bias", "subspace", "rank", "variance"):

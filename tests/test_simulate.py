@@ -42,7 +42,7 @@ def test_columns_and_summary(small_result):
     assert row["se"] == pytest.approx(v.std(ddof=1) / np.sqrt(3))
     assert row["ci_low"] <= row["mean"] <= row["ci_high"]
     assert np.all(np.isfinite(res.per_dataset[ISSUE_COLUMNS].to_numpy(float)))
-    assert res.notes == []
+    assert not [n for n in res.notes if "NaN" in n or "DIVERGED" in n or "infinite" in n]
     assert "<table" in res._repr_html_()
 
 

@@ -61,8 +61,8 @@ def _haar_orthogonal(g: np.ndarray) -> np.ndarray:
 def planted_weights(root: jax.Array, d: int, k: int, signal_decay: float) -> np.ndarray:
     """``(k, d)`` W* with singular values ``j^(-b)`` and Haar singular vectors."""
     key = streams.stream_key(root, "task")
-    gu = np.asarray(jax.random.normal(jax.random.fold_in(key, 0), (k, k)), np.float64)
-    gv = np.asarray(jax.random.normal(jax.random.fold_in(key, 1), (d, d)), np.float64)
+    gu = np.asarray(streams.normal(jax.random.fold_in(key, 0), (k, k)), np.float64)
+    gv = np.asarray(streams.normal(jax.random.fold_in(key, 1), (d, d)), np.float64)
     u, v = _haar_orthogonal(gu), _haar_orthogonal(gv)
     m = min(k, d)
     s = np.arange(1, m + 1, dtype=np.float64) ** (-signal_decay)
@@ -72,8 +72,8 @@ def planted_weights(root: jax.Array, d: int, k: int, signal_decay: float) -> np.
 @partial(jax.jit, static_argnames=("n", "d", "k"))
 def _standard_draws(root: jax.Array, datasets: jax.Array, n: int, d: int, k: int):
     """``(E, n, d)`` and ``(E, n, k)`` standard normals of the given global datasets."""
-    zx = jax.vmap(lambda e: jax.random.normal(streams.dataset_key(root, "data_x", e), (n, d)))(datasets)
-    zy = jax.vmap(lambda e: jax.random.normal(streams.dataset_key(root, "data_y", e), (n, k)))(datasets)
+    zx = jax.vmap(lambda e: streams.normal(streams.dataset_key(root, "data_x", e), (n, d)))(datasets)
+    zy = jax.vmap(lambda e: streams.normal(streams.dataset_key(root, "data_y", e), (n, k)))(datasets)
     return zx, zy
 
 
@@ -124,7 +124,7 @@ def empirical_risk(W: jax.Array, Cxx: jax.Array, Cyx: jax.Array, Cyy: jax.Array)
 def population_risk(W: jax.Array, W_star: jax.Array, sx: jax.Array, noise: jax.Array) -> jax.Array:
     """``L_mu(W) = 0.5 [tr((W - W*) Sx (W - W*)^T) + k nu^2]``; W ``(k, d)``."""
     delta = W - W_star
-    return 0.5 * (jnp.sum(delta * delta * sx) + W.shape[0] * noise**2)
+    return 0.5 * (jnp.sum(delta * delta * sx[None, :]) + W.shape[0] * noise**2)
 
 
 def gap(W: jax.Array, Cxx, Cyx, Cyy, W_star, sx, noise) -> jax.Array:

@@ -1,0 +1,149 @@
+"""Bounds B0-B3: formulas, orderings (SPEC §8) and validity on many untuned datasets."""
+
+import math
+
+import numpy as np
+import pytest
+
+import kdsim
+from kdsim import bounds
+from kdsim.estimators import cgf
+
+BOUNDS = ["B0_upper", "B0_lower", "B1_upper", "B2_lower", "B3_upper"]
+
+
+def _random_cgf(rng):
+    d = 5
+    kappa = rng.normal(size=d) * 0.3
+    return cgf.exact(kappa, rng.uniform(0.01, 0.3, d), k=2)
+
+
+def test_dv_minimum_matches_brute_force_and_guards_zero_kl():
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        c = _random_cgf(rng)
+        kl = float(rng.uniform(0.01, 3))
+        for sign in (+1, -1):
+            val, lam = bounds.dv_excess(kl, c, sign)
+            sup = c.lam_sup if sign > 0 else c.eta_sup
+            hi = sup * (1 - 1e-12) if np.isfinite(sup) else 1e4
+            brute = np.geomspace(1e-7, hi, 50_000)
+            best = np.min((kl + c.fn(sign * brute)) / brute)
+            # the refined optimum may undercut the grid, never by more than its resolution
+            assert abs(val - best) <= 1e-5 * abs(best) + 1e-12
+        assert bounds.dv_excess(0.0, c)[0] == 0.0
+        assert bounds.dv_excess(1e-14, c)[0] < 1e-5    # continuous at KL -> 0
+        assert bounds.dv_excess(math.inf, c)[0] == math.inf
+
+
+def test_subgaussian_regimes():
+    assert bounds.subgaussian_excess(2.0, 0.25, math.inf)[0] == pytest.approx(math.sqrt(2 * 0.25 * 2.0))
+    # sqrt(2 KL)/sigma = 4 > lam_max = 1: linear regime KL/lam_max + lam_max sigma^2/2
+    val, lam = bounds.subgaussian_excess(2.0, 0.25, 1.0)
+    assert lam == 1.0 and val == pytest.approx(2.0 + 0.125)
+    assert bounds.subgaussian_excess(0.0, 0.25, 1.0)[0] == 0.0
+
+
+def test_tightness_radius_is_exactly_where_b3_beats_b1():
+    rng = np.random.default_rng(1)
+    for _ in range(500):
+        G, S, sig_ref = rng.uniform(0, 2), rng.uniform(0.01, 3), rng.uniform(0.01, 2)
+        rho0 = bounds.tightness_radius(G, S, sig_ref)
+        assert bounds.sharpness_sigma(G, S, rho0) == pytest.approx(sig_ref, rel=1e-9)
+        rho = rho0 * rng.uniform(0.2, 1.8)
+        kl = rng.uniform(0.01, 2)
+        b3 = bounds.subgaussian_excess(kl, bounds.sharpness_sigma(G, S, rho) ** 2, math.inf)[0]
+        b1 = bounds.subgaussian_excess(kl, sig_ref**2, math.inf)[0]
+        assert (b3 < b1) == (rho < rho0)
+    # a flatter teacher (smaller S) widens the radius
+    assert bounds.tightness_radius(0.5, 0.1, 1.0) > bounds.tightness_radius(0.5, 1.0, 1.0)
+
+
+def test_b0_is_never_looser_than_b1_b2_on_random_cgfs():
+    rng = np.random.default_rng(2)
+    for _ in range(50):
+        c = _random_cgf(rng)
+        kl = float(rng.uniform(0.001, 5))
+        lam_max = 0.5 / c.kappa_max if c.kappa_max > 0 else math.inf
+        s2 = bounds.subgaussian_sigma2(c, lam_max)
+        b1, lam1 = bounds.subgaussian_excess(kl, s2, lam_max)
+        b2 = bounds.central_excess(kl, c)
+        b0u = bounds.dv_excess(kl, c, +1, candidates=(lam1,))[0]
+        b0l = bounds.dv_excess(kl, c, -1, candidates=c.grid(-1))[0]
+        assert b0u <= b1 * (1 + 1e-12) and b0l <= b2.excess * (1 + 1e-12)
+        assert bounds.subgaussian_holds(c, s2, lam_max)
+
+
+UNTUNED = {
+    "small_n": {"task": {"n": 16, "d": 6}},
+    "distill_mix": {"task": {"d": 6}, "student": {"alpha": 0.5, "teacher_noise": 0.7}},
+    "decaying": {"task": {"d": 6, "k": 3, "input_decay": 1.0, "signal_decay": 0.5, "n": 40}},
+    "tempered": {"task": {"d": 6}, "teacher": {"gamma": 30.0, "prior_scale": 0.7},
+                 "student": {"langevin": {"gamma": 60.0}, "alpha": 0.2}},
+    "empirical_cgf": {"task": {"d": 6}, "student": {"alpha": 0.3},
+                      "estimators": {"cgf": "empirical"}},
+    "gaussian_kl": {"task": {"d": 3}, "student": {"alpha": 0.7},
+                    "estimators": {"bound_divergence": "gaussian_full"}},
+}
+
+
+@pytest.mark.parametrize("name", list(UNTUNED))
+def test_bounds_with_valid_assumptions_hold_on_24_datasets(name):
+    over = dict(UNTUNED[name])
+    teacher = {**over.get("teacher", {}), "num_steps": 400}
+    cfg = {**over, "teacher": teacher, "num_datasets": 24, "num_particles": 256, "seed": 7}
+    res = kdsim.simulate(cfg)
+    df = res.per_dataset
+    checked = 0
+    for b in BOUNDS:
+        held = df[f"{b}_assumption"].to_numpy(dtype=bool, na_value=False)
+        valid = df[f"{b}_valid"].to_numpy(dtype=bool, na_value=False)
+        assert valid[held].all(), (b, df.loc[held & ~valid, ["dataset", b, "gen_S_exact"]])
+        checked += held.sum()
+        assert np.all(np.isfinite(df[b]))
+    assert checked >= 24 * 3
+    tol = 1e-9 * np.abs(df["gen_T"]).max()
+    assert np.all(df["B0_upper"] <= df["B1_upper"] + tol)
+    assert np.all(df["B0_lower"] >= df["B2_lower"] - tol)
+    # B0 <= B3 whenever Lambda(lam*) <= lam*^2 sigma_D^2 / 2 at lam* = sqrt(2 KL)/sigma_D
+    sig3 = df["gap_gradient"] * df["rho"] + 0.5 * df["gap_curvature"] * df["rho"] ** 2
+    assert np.all(df["B3_upper"] >= df["gen_T"])
+    assert np.all(df["B0_upper"] <= df["B3_upper"] + tol) or (sig3 < df["sigma_B1"]).any()
+    # pooled bounds on the dataset average
+    pooled = res.pooled
+    assert pooled["valid"].all()
+    assert pooled.loc["B0_upper", "value"] <= pooled.loc["B1_upper", "value"] + 1e-12
+    # one lam for all datasets: the pooled bound is the average of per-dataset ones or looser
+    assert pooled.loc["B0_upper", "value"] >= df["B0_upper"].mean() - 1e-12
+
+
+def test_b0_never_looser_than_b3_under_the_spec_condition():
+    res = kdsim.simulate({"task": {"d": 4, "n": 200}, "teacher": {"num_steps": 400},
+                          "num_datasets": 8, "num_particles": 256})
+    df = res.per_dataset
+    k = res.config.task.k
+    from kdsim import evaluation
+    run = kdsim.run_populations(res.config)
+    ctx, _, _ = evaluation.context(run)
+    kappa, A = cgf.exact_terms(ctx.finite_time.M_T, ctx.finite_time.Sigma_T, run.data.Cxx,
+                               run.data.Cyx, run.data.W_star, run.data.sx)
+    n_checked = 0
+    for e in range(8):
+        c = cgf.exact(kappa[e], A[e], k)
+        sig = df["gap_gradient"][e] * df["rho"][e] + 0.5 * df["gap_curvature"][e] * df["rho"][e] ** 2
+        lam_star = math.sqrt(2 * df["kl_exact"][e]) / sig
+        if lam_star < c.lam_sup and c.fn(lam_star) <= 0.5 * lam_star**2 * sig**2:
+            n_checked += 1
+            assert df["B0_upper"][e] <= df["B3_upper"][e] + 1e-12
+    assert n_checked > 0
+
+
+def test_rank_student_parameter_bounds_are_vacuous_with_reason():
+    res = kdsim.simulate({"task": {"d": 4}, "student": {"rank": 2}, "teacher": {"num_steps": 100},
+                          "num_datasets": 3, "num_particles": 64})
+    df = res.per_dataset
+    for b in ("B0_upper", "B1_upper", "B3_upper"):
+        assert np.all(df[b] == np.inf)
+    for b in ("B0_lower", "B2_lower"):
+        assert np.all(df[b] == -np.inf)
+    assert any("rank-2 student's parameter-space KL is infinite" in n for n in res.notes)

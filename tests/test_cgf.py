@@ -1,0 +1,102 @@
+"""The gap's CGF under the teacher: exact closed form, empirical estimate, domain, flags."""
+
+import numpy as np
+import pytest
+
+import kdsim
+from kdsim import evaluation, run_populations
+from kdsim.estimators import cgf
+from kdsim.stats import bonferroni_z
+from kdsim.tasks import linear_gaussian as lg
+
+from helpers import config
+
+
+@pytest.fixture(scope="module")
+def population():
+    cfg = config(**{"num_datasets": 3, "num_particles": 4000, "seed": 2})
+    run = run_populations(cfg)
+    ctx, _, _ = evaluation.context(run)
+    laws = ctx.finite_time
+    kappa, A = cgf.exact_terms(laws.M_T, laws.Sigma_T, run.data.Cxx, run.data.Cyx,
+                               run.data.W_star, run.data.sx)
+    return run, ctx, kappa, A
+
+
+def test_exact_cgf_matches_brute_force_sampling(population):
+    """Independent check: 3 x 10^5 draws from the exact teacher law, log-mean-exp by hand."""
+    run, ctx, kappa, A = population
+    rng = np.random.default_rng(0)
+    e, k = 0, run.config.task.k
+    laws = ctx.finite_time
+    L = np.linalg.cholesky(laws.Sigma_T[e])
+    z = rng.normal(size=(300_000, k, L.shape[0]))
+    W = laws.M_T[e][None] + z @ L.T
+    data = run.data._replace(Cxx=run.data.Cxx[e:e + 1], Cyx=run.data.Cyx[e:e + 1],
+                             Cyy=run.data.Cyy[e:e + 1])
+    g = lg.gap_np(W[None], data)[0]
+    exact = cgf.exact(kappa[e], A[e], k)
+    assert exact.variance == pytest.approx(np.var(g), rel=0.02)
+    lams = np.array([-0.5, 0.5, 1.0, 2.0]) / exact.scale
+    emp = cgf.empirical(g, 0.1)
+    zs = (emp.fn(lams) - exact.fn(lams)) / emp.se(lams)
+    assert np.max(np.abs(zs)) < bonferroni_z(len(lams)), zs
+
+
+def test_empirical_cgf_agrees_with_exact_inside_its_ess_range(population):
+    run, ctx, kappa, A = population
+    zs = []
+    for e in range(run.config.num_datasets):
+        exact = cgf.exact(kappa[e], A[e], run.config.task.k)
+        emp = cgf.empirical(ctx.g_T[e], run.config.estimators.ess_fraction)
+        assert 0 < emp.lam_sup < np.inf and 0 < emp.eta_sup < np.inf
+        for sign in (+1, -1):
+            grid = emp.grid(sign)
+            grid = grid[::8]
+            zs.extend((emp.fn(sign * grid) - exact.fn(sign * grid)) / emp.se(sign * grid))
+    zs = np.asarray(zs)
+    assert np.all(np.isfinite(zs))
+    assert np.max(np.abs(zs)) < bonferroni_z(zs.size), zs
+
+
+def test_ess_rule_sets_lam_max():
+    g = np.random.default_rng(1).normal(size=2000)
+    emp = cgf.empirical(g, 0.1)
+    grid = np.geomspace(1e-3, 1e2, 64) / np.std(g, ddof=1)
+    ess = cgf.effective_sample_size(g, grid)
+    assert emp.lam_sup == grid[ess >= 200].max()
+    assert cgf.effective_sample_size(g, np.array([0.0]))[0] == pytest.approx(2000)
+
+
+def test_domain_and_kappa_detection():
+    kappa = np.array([-0.5, 0.1, 0.25])
+    c = cgf.exact(kappa, np.array([0.2, 0.1, 0.3]), k=2)
+    assert c.kappa_max == 0.25 and c.kappa_min == -0.5
+    assert c.lam_sup == pytest.approx(4.0) and c.eta_sup == pytest.approx(2.0)
+    assert np.isfinite(c.fn(3.99)) and np.isinf(c.fn(4.0)) and np.isinf(c.fn(4.5))
+    assert np.isfinite(c.fn(-1.99)) and np.isinf(c.fn(-2.0))
+    # small-lam limit of 2 Lambda / lam^2 is the variance, computed without cancellation
+    assert c.ratio(np.array([1e-12]))[0] == pytest.approx(c.variance, rel=1e-10)
+    # the lower grid stops at (1 - 1e-3)/|kappa_min| (SPEC §5)
+    assert c.grid(-1).max() < (1 - 1e-3) * 2.0
+    # a direct evaluation of the SPEC formula
+    lam = 1.7
+    direct = sum(2 * (-0.5 * np.log(1 - lam * kk) - 0.5 * lam * kk) + 0.5 * lam**2 * a / (1 - lam * kk)
+                 for kk, a in zip(kappa, [0.2, 0.1, 0.3]))
+    assert c.fn(lam) == pytest.approx(direct, rel=1e-12)
+
+
+def test_empirical_assumption_flag_can_fail():
+    """n = d = 8: Hg = Sx - Cxx has kappa_max near 1, the upper tail is heavy, and a
+    sigma fitted on the particles is contradicted by the exact Lambda."""
+    res = kdsim.simulate({"task": {"n": 8}, "teacher": {"num_steps": 500},
+                          "estimators": {"cgf": "empirical"}, "num_datasets": 8,
+                          "num_particles": 512})
+    flags = res.per_dataset["B1_upper_assumption"].to_numpy(dtype=bool)
+    assert (~flags).any()
+    assert any(n.startswith("B1_upper_assumption: False in datasets") for n in res.notes)
+    # the same regime with the exact CGF: its B1 (lam_max = c_lam / kappa_max) holds
+    exact = kdsim.simulate({"task": {"n": 8}, "teacher": {"num_steps": 500},
+                            "num_datasets": 8, "num_particles": 512})
+    assert exact.per_dataset["B1_upper_assumption"].to_numpy(dtype=bool).all()
+    assert (exact.per_dataset["kappa_max"] > 0).all()
