@@ -135,6 +135,17 @@ class _Bool:
         return "true or false"
 
 
+@dataclass(frozen=True)
+class _OptBool:
+    def __call__(self, v: Any) -> bool | None:
+        if v is None:
+            return None
+        return _Bool()(v)
+
+    def describe(self) -> str:
+        return "true, false or null"
+
+
 def _f(default: Any, check: Callable[[Any], Any], *, static: bool, doc: str = "") -> Any:
     return field(default=default, metadata={"check": check, "static": static, "doc": doc})
 
@@ -236,6 +247,16 @@ class EstimatorsConfig(_Validated):
     b3_holdout: float = _f(0.25, _Float(gt=0.0, lt=1.0), static=True)
     b3_quantile: float = _f(1.0, _Float(gt=0.0, le=1.0), static=True,
                             doc="quantile of the teacher's distances to its centre that sets rho")
+    girsanov: bool | None = _f(None, _OptBool(), static=True,
+                               doc="path-space KL bound; null = whenever it applies")
+    scratch: bool = _f(True, _Bool(), static=True,
+                       doc="also train the student from scratch (alpha = 1) for comparison")
+    channel_draws: int = _f(4, _Int(1, 10_000), static=True,
+                            doc="channel noise draws per teacher particle for the function-space CGF")
+    power_iterations: int = _f(50, _Int(1, 100_000), static=True)
+    hutchinson_probes: int = _f(64, _Int(2, 100_000), static=True)
+    curvature_points: int = _f(8, _Int(0, 1 << 20), static=True,
+                               doc="teacher particles (besides the centre) over which S_D is maximised")
 
 
 @dataclass(frozen=True)
@@ -510,6 +531,32 @@ class Resolved(NamedTuple):
     cgf: str
     ghost_points: int
     warnings: tuple[str, ...]
+    girsanov: bool              # accumulate the path-space KL bound during the student run
+    girsanov_reason: str        # why it does not apply ("" if it does)
+    scratch: bool
+
+
+def girsanov_obstacle(cfg: "SimConfig", teacher: LangevinNumeric, student: LangevinNumeric,
+                      student_steps: int) -> str:
+    """Why the Girsanov bound does not apply to this config ("" if it does).
+
+    It bounds KL_D only when the student lives in the teacher's parameter space and runs
+    with the teacher's step sizes, number of steps and initial law (SPEC §5).
+    """
+    t, s = cfg.teacher, cfg.student
+    if cfg.task.name == "linear_gaussian":
+        if s.rank is not None and s.rank < cfg.task.d:
+            return "the rank-r student does not live in the teacher's parameter space"
+    elif (t.model.width, t.model.depth, t.model.activation) != \
+            (s.model.width, s.model.depth, s.model.activation):
+        return "the student's architecture differs from the teacher's"
+    if student.step_size != teacher.step_size:
+        return "the student's step size differs from the teacher's"
+    if student_steps != t.num_steps:
+        return "the student's number of steps differs from the teacher's"
+    if student.init_scale != teacher.init_scale:
+        return "the student's initial law differs from the teacher's"
+    return ""
 
 
 def default_gamma(task: TaskConfig) -> float:
@@ -590,4 +637,12 @@ def resolve(cfg: SimConfig) -> Resolved:
         temperature=s.temperature, noise=task.noise, input_scale=task.input_scale,
         input_decay=task.input_decay, signal_decay=task.signal_decay,
         planted_scale=task.planted_scale, channel_noise=nu_p)
-    return Resolved(static, numeric, bound_div, cgf, ghost, tuple(warnings))
+    obstacle = girsanov_obstacle(cfg, teacher, student, steps_s)
+    if est.girsanov is False:
+        girsanov, reason = False, "switched off (estimators.girsanov = false)"
+    else:
+        girsanov, reason = obstacle == "", obstacle
+    if est.bound_divergence == "girsanov" and not girsanov:
+        raise ConfigError(f"estimators.bound_divergence = 'girsanov' does not apply: {reason}")
+    return Resolved(static, numeric, bound_div, cgf, ghost, tuple(warnings), girsanov, reason,
+                    est.scratch)

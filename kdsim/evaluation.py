@@ -201,21 +201,86 @@ def divergence_columns(ctx: Context) -> tuple[dict[str, np.ndarray], list[str]]:
     return cols, notes
 
 
+def engine_columns(ctx: Context) -> tuple[dict[str, np.ndarray], list[str]]:
+    """Girsanov path-space KL, and KD versus the same student trained from scratch."""
+    run = ctx.run
+    res: Resolved = run.resolved
+    st, nm, data, pops = res.static, res.numeric, run.data, run.populations
+    E = st.num_datasets
+    notes: list[str] = []
+    cols = {name: np.full(E, np.nan) for name in (
+        "kl_girsanov", "kl_girsanov_se", "test_loss_T", "test_loss_T_se", "test_loss_S",
+        "test_loss_S_se", "gen_S_scratch", "gen_S_scratch_se", "test_loss_S_scratch",
+        "test_loss_S_scratch_se")}
+    pop_risk = lambda W: lg.population_risk_np(W, data)
+    risk_T, risk_S = pop_risk(ctx.W_T), pop_risk(ctx.W_S)
+    for e in np.flatnonzero(ctx.usable):
+        keep = ctx.ok[e]
+        cols["test_loss_T"][e], cols["test_loss_T_se"][e] = mean_se(risk_T[e, keep])
+        cols["test_loss_S"][e], cols["test_loss_S_se"][e] = mean_se(risk_S[e, keep])
+        if pops.girsanov is not None:
+            cols["kl_girsanov"][e], cols["kl_girsanov_se"][e] = mean_se(pops.girsanov[e, keep])
+    if pops.girsanov is None:
+        notes.append(f"kl_girsanov: NaN, {res.girsanov_reason}")
+    ft = ctx.finite_time
+    cols["test_loss_T_exact"] = closed_form.expected_risks(ft.M_T, ft.Sigma_T, data)[0]
+    cols["test_loss_S_exact"] = closed_form.expected_risks(ft.M_S, ft.Sigma_S, data)[0]
+    # the scratch student: the same student with alpha = 1 (and so no teacher channel)
+    scratch_nm = nm._replace(alpha=1.0, teacher_noise=0.0)
+    sc_laws = closed_form.finite_time(data, st, scratch_nm)
+    cols["gen_S_scratch_exact"] = closed_form.expected_gaps(sc_laws, data)[1]
+    cols["test_loss_S_scratch_exact"] = closed_form.expected_risks(sc_laws.M_S, sc_laws.Sigma_S, data)[0]
+    if pops.scratch is None:
+        notes.append("gen_S_scratch, test_loss_S_scratch: not computed (estimators.scratch = false)")
+        return cols, notes
+    cols["diverged_scratch"] = pops.diverged_scratch.sum(1)
+    ok0 = ctx.ok & ~pops.diverged_scratch
+    g0, risk0 = lg.gap_np(pops.scratch, data), pop_risk(pops.scratch)
+    for e in np.flatnonzero(ok0.sum(1) >= MIN_PAIRS):
+        cols["gen_S_scratch"][e], cols["gen_S_scratch_se"][e] = mean_se(g0[e, ok0[e]])
+        cols["test_loss_S_scratch"][e], cols["test_loss_S_scratch_se"][e] = mean_se(risk0[e, ok0[e]])
+    return cols, notes
+
+
 def linear_columns(run) -> Evaluation:
     """Per-dataset columns of the linear task, the pooled bounds, and the notes."""
     ctx, cols, notes = context(run)
-    for stage in (closed_form_columns, monte_carlo_columns, divergence_columns):
+    for stage in (closed_form_columns, monte_carlo_columns, divergence_columns, engine_columns):
         c, n_ = stage(ctx)
         cols.update(c)
         notes += n_
     cols.update(_sharpness_columns(run, ctx.ok))
-    bound_cols, pooled, bnotes = _bound_columns(run, ctx.ok, ctx.usable, cols, ctx.g_T,
-                                                ctx.finite_time, ctx.stationary)
+    bound_cols, pooled, bnotes = bound_columns(_linear_bound_inputs(run, ctx, cols))
     cols.update(bound_cols)
     notes += bnotes
+    fs_cols, fs_pooled, fs_notes = function_space_columns(ctx)
+    cols.update(fs_cols)
+    notes += fs_notes
+    return finish(cols, pd.concat([pooled, fs_pooled]), notes)
+
+
+def function_space_columns(ctx: Context):
+    """Function-space gaps, convexity bound and F-bounds of the linear task (Gaussian
+    channel), with the closed forms of the gaps and of the convexity bound."""
+    from . import function_space as fs
+    run = ctx.run
+    st, data = run.resolved.static, run.data
+    root = streams.root_key(run.config.seed)
+    Xg, Yg = lg.sample_points(*fs.ghost_streams(root), np.arange(st.num_datasets),
+                              run.resolved.ghost_points, data.W_star, data.sx, data.noise)
+    ghost = fs.Ghost(Xg, Yg)
+    predict = lambda W: fs.Predictions(np.einsum("epkd,end->epnk", W, data.X),
+                                       np.einsum("epkd,emd->epmk", W, Xg))
+    truth, klF = fs.linear_exact(ctx, ghost)
+    return fs.columns(run, ctx.ok, ctx.usable, predict(ctx.W_T), predict(ctx.W_S), data.Y, ghost,
+                      truth_exact=truth, klF_exact=klF)
+
+
+def finish(cols: dict, pooled: pd.DataFrame, notes: list[str]) -> Evaluation:
+    """Columns to a DataFrame (flags as nullable booleans)."""
     df = pd.DataFrame(cols)
     for col in df.columns:
-        if col.endswith(("_valid", "_assumption")):
+        if col.removesuffix("_01").endswith(("_valid", "_assumption")):
             df[col] = as_flags(df[col].to_numpy())
     return Evaluation(df, pooled, notes)
 
@@ -281,70 +346,118 @@ def _sharpness_columns(run, ok: np.ndarray) -> dict[str, np.ndarray]:
     return cols
 
 
-def _kl_for_bounds(run, cols) -> tuple[np.ndarray, np.ndarray]:
-    name = run.resolved.bound_divergence
-    E = run.resolved.static.num_datasets
-    if not run.resolved.static.full_student:   # the student kernel is singular: KL_D = +inf
-        return np.full(E, np.inf), np.zeros(E)
+def _kl_for_bounds(run, cols) -> tuple[np.ndarray, np.ndarray, str]:
+    """The KL the parameter-space bounds use, its standard error, and why it is not finite."""
+    res = run.resolved
+    name = res.bound_divergence
+    E = res.static.num_datasets
+    if res.static.task == "linear_gaussian" and not res.static.full_student:
+        return (np.full(E, np.inf), np.zeros(E),
+                f"the rank-{res.static.rank} student's parameter-space KL is infinite (see kl_exact)")
+    if name == "girsanov" and not res.girsanov:
+        return (np.full(E, np.nan), np.zeros(E),
+                f"no parameter-space KL: Girsanov does not apply ({res.girsanov_reason}); "
+                "use the function-space bounds")
     if name in ("exact", "stationary"):
-        return cols[f"kl_{name}"], np.zeros(len(cols[f"kl_{name}"]))
-    return cols[f"kl_{name}"], cols[f"kl_{name}_se"]
+        return cols[f"kl_{name}"], np.zeros(E), ""
+    return cols[f"kl_{name}"], cols[f"kl_{name}_se"], ""
 
 
-def _bound_columns(run, ok, usable, cols, g_T, ft, sta):
-    """Parameter-space bounds B0--B3 per dataset, and pooled over datasets."""
-    res: Resolved = run.resolved
-    st, nm, cfg = res.static, res.numeric, run.config
-    data = run.data
-    E, P, k = st.num_datasets, st.num_particles, st.k
-    n_fit = _split(P, cfg.estimators.b3_holdout)
+class BoundInputs(NamedTuple):
+    """What the bounds of one loss need, per dataset (leading axis E)."""
+
+    gen_T: np.ndarray
+    gen_T_se: np.ndarray
+    truth: np.ndarray           # the student's true gap: closed form, else Monte Carlo
+    truth_se: np.ndarray        # 0 for a closed form
+    kl: np.ndarray
+    kl_se: np.ndarray
+    kl_reason: str              # why KL is not finite ("" if it is)
+    g_T: np.ndarray             # (E, P) teacher-particle gaps (empirical CGF)
+    ok: np.ndarray              # (E, P) surviving pairs
+    usable: np.ndarray          # (E,)
+    n_fit: int                  # the first n_fit teacher particles fit; the rest check
+    cgf_kind: str               # "exact" | "empirical"
+    exact_cgfs: list | None     # per-dataset exact CGFs (linear task), else None
+    sharp: dict | None          # {"G", "S", "rho", "outside"} arrays, or None
+    sharp_reason: str           # why B3 is NaN when sharp is None
+    sigma_bounded: float | None  # sigma = B of a loss bounded in [0, B] (B1 then needs no fit)
+    c_lam: float
+    ess_fraction: float
+
+
+def bound_columns(inp: BoundInputs, suffix: str = "", prefix: str = ""):
+    """Bounds B0--B3 per dataset, their flags, and the pooled bounds.
+
+    Returns ``(columns, pooled DataFrame, notes)``; column names carry ``prefix``
+    (``"F_"`` for the function-space bounds) and ``suffix`` (``"_01"`` for the 0-1 loss).
+    ``inp.sharp`` may carry ``"extra_var"``: a variance proxy added to ``sigma_D(rho)^2``
+    (the label draws of the function-space B3).
+    """
+    E = len(inp.gen_T)
     notes: list[str] = []
-    laws = sta if res.bound_divergence == "stationary" else ft
-    kappa, A = cgf_mod.exact_terms(laws.M_T, laws.Sigma_T, data.Cxx, data.Cyx, data.W_star, data.sx)
-    kl, kl_se = _kl_for_bounds(run, cols)
-    c_lam = cfg.estimators.c_lam
-
-    out = {name: np.full(E, np.nan) for name in (
-        "kappa_min", "kappa_max", "sigma_B1", "lam_max", "B0_lam", "B0_eta", "B2_eta", "B2_eps",
-        "rho0", *BOUND_NAMES)}
-    flags = {f"{b}_{s}": np.full(E, np.nan) for b in BOUND_NAMES for s in ("valid", "assumption")}
-    cgfs_fit = []
+    sfx = lambda name: prefix + name + suffix
+    out = {sfx(name): np.full(E, np.nan) for name in (
+        "sigma_B1", "lam_max", "B0_lam", "B0_eta", "B2_eta", "B2_eps", "rho0", *BOUND_NAMES)}
+    if inp.exact_cgfs is not None:
+        out[sfx("kappa_min")] = np.array([c.kappa_min for c in inp.exact_cgfs])
+        out[sfx("kappa_max")] = np.array([c.kappa_max for c in inp.exact_cgfs])
+    flags = {sfx(f"{b}_{s}"): np.full(E, np.nan) for b in BOUND_NAMES for s in ("valid", "assumption")}
+    cgfs_fit, used = [], []
     for e in range(E):
-        exact_cgf = cgf_mod.exact(kappa[e], A[e], k)
-        out["kappa_min"][e], out["kappa_max"][e] = exact_cgf.kappa_min, exact_cgf.kappa_max
-        if not usable[e]:
+        kl_raw = float(inp.kl[e])
+        if not inp.usable[e] or np.isnan(kl_raw):
             continue
-        if res.cgf == "exact":
-            fit_cgf = exact_cgf
+        fit_ok = inp.ok[e, :inp.n_fit]
+        hold_ok = inp.ok[e, inp.n_fit:]
+        if inp.cgf_kind == "exact":
+            fit_cgf = inp.exact_cgfs[e]
         else:
-            fit_ok = ok[e, :n_fit]
-            fit_cgf = cgf_mod.empirical(g_T[e, :n_fit][fit_ok], cfg.estimators.ess_fraction)
-        check = exact_cgf   # independent of any particle fit: the exact Lambda
+            fit_cgf = cgf_mod.empirical(inp.g_T[e, :inp.n_fit][fit_ok], inp.ess_fraction)
+        # assumptions are judged on data independent of the fit: the exact Lambda, else
+        # the held-out teacher particles
+        if inp.exact_cgfs is not None:
+            check = inp.exact_cgfs[e]
+        elif hold_ok.sum() >= MIN_PAIRS:
+            check = cgf_mod.empirical(inp.g_T[e, inp.n_fit:][hold_ok], inp.ess_fraction)
+        else:
+            check = None
         cgfs_fit.append(fit_cgf)
+        used.append(e)
+        gT, gT_se = float(inp.gen_T[e]), float(inp.gen_T_se[e])
+        kl_e = max(kl_raw, 0.0)          # KL >= 0: a negative estimate is noise around 0
+        kl_se_e = float(inp.kl_se[e]) if np.isfinite(inp.kl_se[e]) else 0.0
 
-        gT, gT_se = cols["gen_T"][e], cols["gen_T_se"][e]
-        truth = cols["gen_S_exact"][e]
-        # KL >= 0: a negative particle estimate is noise around a small KL
-        kl_e = max(float(kl[e]), 0.0)
-        kl_se_e = float(kl_se[e]) if np.isfinite(kl_se[e]) else 0.0
-
-        # B1
-        lam_max = (c_lam / exact_cgf.kappa_max if exact_cgf.kappa_max > 0 else math.inf) \
-            if fit_cgf.kind == "exact" else fit_cgf.lam_sup
-        b1, lam_b1, sigma2 = bounds.subgaussian_bound(kl_e, fit_cgf, lam_max)
-        out["sigma_B1"][e], out["lam_max"][e] = math.sqrt(sigma2), lam_max
+        # B1: sigma from the bounded loss, or fitted (exact / empirical CGF)
+        if inp.sigma_bounded is not None:
+            lam_max, sigma2 = math.inf, inp.sigma_bounded**2
+            b1, lam_b1 = bounds.subgaussian_excess(kl_e, sigma2, lam_max)
+            b1_holds = True                      # Hoeffding: a bounded loss is sub-Gaussian
+        else:
+            if fit_cgf.kind == "exact":
+                lam_max = inp.c_lam / fit_cgf.kappa_max if fit_cgf.kappa_max > 0 else math.inf
+            else:
+                lam_max = fit_cgf.lam_sup
+            b1, lam_b1, sigma2 = bounds.subgaussian_bound(kl_e, fit_cgf, lam_max)
+            b1_holds = None if check is None else bounds.subgaussian_holds(check, sigma2, lam_max)
+        out[sfx("sigma_B1")][e], out[sfx("lam_max")][e] = math.sqrt(sigma2), lam_max
         # B3
-        G_D, S_D, rho = cols["gap_gradient"][e], cols["gap_curvature"][e], cols["rho"][e]
-        sig3 = bounds.sharpness_sigma(G_D, S_D, rho)
-        b3, lam_b3 = bounds.subgaussian_excess(kl_e, sig3**2, math.inf)
-        out["rho0"][e] = bounds.tightness_radius(G_D, S_D, math.sqrt(sigma2))
+        if inp.sharp is not None:
+            G_D, S_D, rho = (float(inp.sharp[n][e]) for n in ("G", "S", "rho"))
+            sig3 = math.sqrt(bounds.sharpness_sigma(G_D, S_D, rho) ** 2
+                             + float(inp.sharp.get("extra_var", np.zeros(E))[e]))
+            b3, lam_b3 = bounds.subgaussian_excess(kl_e, sig3**2, math.inf)
+            out[sfx("rho0")][e] = bounds.tightness_radius(G_D, S_D, math.sqrt(sigma2))
+            b3_holds = bool(inp.sharp["outside"][e] == 0)
+        else:
+            b3, lam_b3, b3_holds = math.nan, math.nan, None
         # B2
         central = bounds.central_excess(kl_e, fit_cgf)
-        out["B2_eta"][e], out["B2_eps"][e] = central.eta, central.eps
+        out[sfx("B2_eta")][e], out[sfx("B2_eps")][e] = central.eta, central.eps
         # B0 (candidates: the lam of B1 and B3, B2's grid)
         b0u, lam0 = bounds.dv_excess(kl_e, fit_cgf, +1, candidates=(lam_b1, lam_b3))
         b0l, eta0 = bounds.dv_excess(kl_e, fit_cgf, -1, candidates=fit_cgf.grid(-1))
-        out["B0_lam"][e], out["B0_eta"][e] = lam0, eta0
+        out[sfx("B0_lam")][e], out[sfx("B0_eta")][e] = lam0, eta0
 
         excess = {"B0_upper": b0u, "B0_lower": b0l, "B1_upper": b1, "B2_lower": central.excess,
                   "B3_upper": b3}
@@ -356,77 +469,105 @@ def _bound_columns(run, ok, usable, cols, g_T, ft, sta):
                 "B0_upper": bounds.dv_excess(kl2, fit_cgf, +1, (lam_b1, lam_b3))[0] - b0u,
                 "B0_lower": bounds.dv_excess(kl2, fit_cgf, -1, fit_cgf.grid(-1))[0] - b0l,
                 "B1_upper": bounds.subgaussian_excess(kl2, sigma2, lam_max)[0] - b1,
-                "B2_lower": bounds.central_excess(kl2, fit_cgf).excess - central.excess,
-                "B3_upper": bounds.subgaussian_excess(kl2, sig3**2, math.inf)[0] - b3}
+                "B2_lower": bounds.central_excess(kl2, fit_cgf).excess - central.excess}
+            if inp.sharp is not None:
+                d_excess["B3_upper"] = bounds.subgaussian_excess(kl2, sig3**2, math.inf)[0] - b3
         assumption = {
-            "B0_upper": True, "B0_lower": True,
-            "B1_upper": bounds.subgaussian_holds(check, sigma2, lam_max),
-            "B2_lower": bounds.central_holds(check, central.eta, central.eps),
-            "B3_upper": bool(cols["b3_outside_mass"][e] == 0),
+            "B0_upper": True, "B0_lower": True, "B1_upper": b1_holds,
+            "B2_lower": None if check is None else bounds.central_holds(check, central.eta, central.eps),
+            "B3_upper": b3_holds,
         }
+        truth, truth_se = float(inp.truth[e]), float(inp.truth_se[e])
         for name in BOUND_NAMES:
+            if math.isnan(excess[name]):
+                continue
             sign = 1.0 if UPPER[name] else -1.0
             value = gT + sign * excess[name]
-            out[name][e] = value
-            se = math.hypot(gT_se, d_excess.get(name, 0.0))
-            flags[f"{name}_valid"][e] = bounds.holds(value, truth, se, UPPER[name])
-            flags[f"{name}_assumption"][e] = assumption[name]
+            out[sfx(name)][e] = value
+            se = math.sqrt(gT_se**2 + d_excess.get(name, 0.0) ** 2 + truth_se**2)
+            flags[sfx(f"{name}_valid")][e] = bounds.holds(value, truth, se, UPPER[name])
+            if assumption[name] is not None:
+                flags[sfx(f"{name}_assumption")][e] = assumption[name]
 
     for name in BOUND_NAMES:
         sign = 1.0 if UPPER[name] else -1.0
-        out[f"{name}_tightness"] = sign * (out[name] - cols["gen_S_exact"])
+        out[sfx(f"{name}_tightness")] = sign * (out[sfx(name)] - inp.truth)
     out.update(flags)
-    if not st.full_student:
-        notes.append("B0_upper, B1_upper, B3_upper: +inf and B0_lower, B2_lower: -inf: the "
-                     f"rank-{st.rank} student's parameter-space KL is infinite (see kl_exact).")
-    if np.nanmax(out["kappa_max"]) > 0:
-        notes.append(
-            "kappa_max > 0: the upper tail of the teacher's gap is sub-exponential, NOT "
-            "sub-Gaussian for all lam; B1 uses lam_max = c_lam / kappa_max "
-            f"(c_lam = {c_lam}).")
-    if np.nanmin(out["kappa_min"]) < 0:
-        notes.append(
-            "kappa_min < 0: Lambda_D(-eta) = +inf for eta >= 1/|kappa_min|; the B2 grid and "
-            "B0's lower search stop there.")
+    if inp.kl_reason:
+        what = "+inf / -inf" if np.isinf(inp.kl).any() else "NaN"
+        notes.append(f"{', '.join(sfx(b) for b in BOUND_NAMES)}: {what}: {inp.kl_reason}.")
+    elif inp.sharp is None:
+        notes.append(f"{sfx('B3_upper')}: NaN: {inp.sharp_reason}.")
+    if inp.exact_cgfs is not None:
+        if np.nanmax(out[sfx("kappa_max")]) > 0 and inp.sigma_bounded is None:
+            notes.append(
+                "kappa_max > 0: the upper tail of the teacher's gap is sub-exponential, NOT "
+                "sub-Gaussian for all lam; B1 uses lam_max = c_lam / kappa_max "
+                f"(c_lam = {inp.c_lam}).")
+        if np.nanmin(out[sfx("kappa_min")]) < 0:
+            notes.append(
+                "kappa_min < 0: Lambda_D(-eta) = +inf for eta >= 1/|kappa_min|; the B2 grid and "
+                "B0's lower search stop there.")
     for name in ("B1_upper", "B2_lower", "B3_upper"):
-        failed = np.flatnonzero(flags[f"{name}_assumption"] == 0)
+        failed = np.flatnonzero(flags[sfx(f"{name}_assumption")] == 0)
         if failed.size:
-            notes.append(f"{name}_assumption: False in datasets {failed.tolist()}"
-                         + (" (held-out teacher mass outside the B3 ball > 0)" if name == "B3_upper" else ""))
+            why = " (held-out teacher mass outside the B3 ball > 0)" if name == "B3_upper" else ""
+            notes.append(f"{sfx(name + '_assumption')}: False in datasets {failed.tolist()}{why}")
     for name in BOUND_NAMES:
-        broken = np.flatnonzero(flags[f"{name}_valid"] == 0)
+        broken = np.flatnonzero(flags[sfx(f"{name}_valid")] == 0)
         if broken.size:
-            notes.append(f"{name}_valid: False in datasets {broken.tolist()} (the bound fails on "
-                         "the truth beyond 3 standard errors)")
-    pooled = _pooled_bounds(cols, out, cgfs_fit, kl, usable, c_lam, res)
+            notes.append(f"{sfx(name + '_valid')}: False in datasets {broken.tolist()} (the bound "
+                         "fails on the truth beyond 3 standard errors)")
+    pooled = _pooled_bounds(inp, cgfs_fit, np.asarray(used, int), suffix, prefix)
     return out, pooled, notes
 
 
-def _pooled_bounds(cols, out, cgfs, kl, usable, c_lam, res: Resolved) -> pd.DataFrame:
-    """Bounds on the dataset-averaged gap with K_n = E_D KL_D and E_D Lambda_D."""
-    rows = {}
+def _pooled_bounds(inp: BoundInputs, cgfs: list, idx: np.ndarray, suffix: str,
+                   prefix: str = "") -> pd.DataFrame:
+    """Bounds on the dataset-averaged gap with K_n = E_D KL_D and E_D Lambda_D (one lam)."""
+    columns = ["value", "truth", "tightness", "valid"]
     if not cgfs:
-        return pd.DataFrame(columns=["value", "truth", "tightness", "valid"])
-    idx = np.flatnonzero(usable)
+        return pd.DataFrame(columns=columns, index=pd.Index([], name="bound"), dtype=float)
     cg = bounds.pooled(cgfs)
-    K_n = float(np.mean(np.maximum(kl[idx], 0.0)))
-    gT = float(np.mean(cols["gen_T"][idx]))
-    gT_se = float(np.sqrt(np.sum(cols["gen_T_se"][idx] ** 2)) / len(idx))
-    truth = float(np.mean(cols["gen_S_exact"][idx]))
-    if cg.kind == "exact":
-        lam_max = c_lam / cg.kappa_max if cg.kappa_max > 0 else math.inf
+    K_n = float(np.mean(np.maximum(inp.kl[idx], 0.0)))
+    gT = float(np.mean(inp.gen_T[idx]))
+    se = float(np.sqrt(np.sum(inp.gen_T_se[idx] ** 2 + inp.truth_se[idx] ** 2)) / len(idx))
+    truth = float(np.mean(inp.truth[idx]))
+    if inp.sigma_bounded is not None:
+        lam_max = math.inf
+        b1, lam_b1 = bounds.subgaussian_excess(K_n, inp.sigma_bounded**2, lam_max)
     else:
-        lam_max = cg.lam_sup
-    b1, lam_b1, sigma2 = bounds.subgaussian_bound(K_n, cg, lam_max)
+        if cg.kind == "exact":
+            lam_max = inp.c_lam / cg.kappa_max if cg.kappa_max > 0 else math.inf
+        else:
+            lam_max = cg.lam_sup
+        b1, lam_b1, _ = bounds.subgaussian_bound(K_n, cg, lam_max)
     b0u, _ = bounds.dv_excess(K_n, cg, +1, candidates=(lam_b1,))
     b0l, _ = bounds.dv_excess(K_n, cg, -1, candidates=cg.grid(-1))
     b2 = bounds.central_excess(K_n, cg).excess
+    rows = {}
     for name, value, upper in (("B0_upper", gT + b0u, True), ("B0_lower", gT - b0l, False),
                                ("B1_upper", gT + b1, True), ("B2_lower", gT - b2, False)):
         tight = value - truth if upper else truth - value
-        rows[name] = (value, truth, tight, float(bounds.holds(value, truth, gT_se, upper)))
-    df = pd.DataFrame.from_dict(rows, orient="index", columns=["value", "truth", "tightness", "valid"])
+        rows[prefix + name + suffix] = (value, truth, tight, float(bounds.holds(value, truth, se, upper)))
+    df = pd.DataFrame.from_dict(rows, orient="index", columns=columns)
     df.index.name = "bound"
-    df.attrs["K_n"] = K_n
-    df.attrs["sigma_bar"] = math.sqrt(sigma2)
     return df
+
+
+def _linear_bound_inputs(run, ctx: "Context", cols) -> BoundInputs:
+    res: Resolved = run.resolved
+    st, cfg, data = res.static, run.config, run.data
+    laws = ctx.stationary if res.bound_divergence == "stationary" else ctx.finite_time
+    kappa, A = cgf_mod.exact_terms(laws.M_T, laws.Sigma_T, data.Cxx, data.Cyx, data.W_star, data.sx)
+    kl, kl_se, reason = _kl_for_bounds(run, cols)
+    E = st.num_datasets
+    return BoundInputs(
+        gen_T=cols["gen_T"], gen_T_se=cols["gen_T_se"], truth=cols["gen_S_exact"],
+        truth_se=np.zeros(E), kl=kl, kl_se=kl_se, kl_reason=reason, g_T=ctx.g_T, ok=ctx.ok,
+        usable=ctx.usable, n_fit=_split(st.num_particles, cfg.estimators.b3_holdout),
+        cgf_kind=res.cgf, exact_cgfs=[cgf_mod.exact(kappa[e], A[e], st.k) for e in range(E)],
+        sharp={"G": cols["gap_gradient"], "S": cols["gap_curvature"], "rho": cols["rho"],
+               "outside": cols["b3_outside_mass"]},
+        sharp_reason="", sigma_bounded=None, c_lam=cfg.estimators.c_lam,
+        ess_fraction=cfg.estimators.ess_fraction)

@@ -44,6 +44,7 @@ class LangevinInfo(NamedTuple):
 
     step_size: jax.Array      # [] h_t
     grad: PyTree              # grad U at the pre-step position
+    aux: Any = None           # what a ``has_aux`` energy gradient returned besides grad
 
 
 class LangevinKernel(NamedTuple):
@@ -73,11 +74,13 @@ def _all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
-def build_kernel(grad_energy: Callable[[PyTree, Any], PyTree], schedule: Schedule) -> LangevinKernel:
+def build_kernel(grad_energy: Callable[[PyTree, Any], PyTree], schedule: Schedule,
+                 has_aux: bool = False) -> LangevinKernel:
     """Euler--Maruyama Langevin kernel.
 
     Args:
-      grad_energy: ``(position, batch) -> grad U(position)``, same pytree as position.
+      grad_energy: ``(position, batch) -> grad U(position)``, same pytree as position;
+        with ``has_aux``, ``-> (grad, aux)`` and ``aux`` is passed on in the info.
       schedule: ``t -> h_t`` (int32 global step index to step size).
     Returns:
       a :class:`LangevinKernel`; ``kernel.update(state, noise, t, batch)`` is the step
@@ -90,7 +93,8 @@ def build_kernel(grad_energy: Callable[[PyTree, Any], PyTree], schedule: Schedul
     def update(state: LangevinState, noise: PyTree, t: jax.Array,
                batch: Any = None) -> tuple[LangevinState, LangevinInfo]:
         h = schedule(t)
-        grad = grad_energy(state.position, batch)
+        grad, aux = grad_energy(state.position, batch) if has_aux else \
+            (grad_energy(state.position, batch), None)
         scale = jnp.sqrt(2.0 * h)
         proposal = jax.tree_util.tree_map(
             lambda w, g, xi: (w - h * g + scale * xi).astype(w.dtype),
@@ -101,7 +105,7 @@ def build_kernel(grad_energy: Callable[[PyTree, Any], PyTree], schedule: Schedul
         position = jax.tree_util.tree_map(
             lambda new, old: jnp.where(diverged, old, new), proposal, state.position)
         diverged_step = jnp.where(newly, jnp.asarray(t, jnp.int32), state.diverged_step)
-        return LangevinState(position, diverged, diverged_step), LangevinInfo(h, grad)
+        return LangevinState(position, diverged, diverged_step), LangevinInfo(h, grad, aux)
 
     def step(key: jax.Array, state: LangevinState, t: jax.Array,
              batch: Any = None) -> tuple[LangevinState, LangevinInfo]:

@@ -37,11 +37,20 @@ def _errorbar(ax, x, df, col, label, color, marker="o", offset=0.0):
     ax.errorbar(x + offset, y, yerr=yerr, fmt=marker, ms=4, capsize=2, color=color, label=label)
 
 
-def _truth(df):
+def _truth(df, prefix=""):
     """The student's true gap per dataset: closed form if there is one, else Monte Carlo."""
-    if "gen_S_exact" in df:
-        return df["gen_S_exact"].to_numpy(float), "exact"
-    return df["gen_S"].to_numpy(float), "Monte Carlo"
+    base = "gen_S_F" if prefix else "gen_S"
+    if base + "_exact" in df:
+        return df[base + "_exact"].to_numpy(float), "exact"
+    return df[base].to_numpy(float), "Monte Carlo"
+
+
+def bound_space(df) -> str:
+    """``""`` to draw the parameter-space bounds, ``"F_"`` for the function-space ones
+    (when no parameter-space bound is finite: rank-r or narrower students)."""
+    finite = any(np.isfinite(df[b].to_numpy(float)).any() for b in BOUND_STYLE if b in df)
+    has_f = any(("F_" + b) in df for b in BOUND_STYLE)
+    return "F_" if (not finite and has_f) else ""
 
 
 def _panel_gaps(ax, df, x):
@@ -69,6 +78,8 @@ def _panel_divergences(ax, df, x):
                         color=color, label=label)
     if "klpred_convexity" in df:
         _errorbar(ax, x, df, "klpred_convexity", "convexity bound (Monte Carlo)", "C4", ".")
+    if "kl_girsanov" in df and np.isfinite(df["kl_girsanov"].to_numpy(float)).any():
+        _errorbar(ax, x, df, "kl_girsanov", "Girsanov path bound", "C6", "d")
     ax.set_yscale("log")
     ax.set_xlabel("dataset $e$")
     ax.set_ylabel("nats")
@@ -79,29 +90,40 @@ def _panel_divergences(ax, df, x):
 
 
 def _panel_decomposition(ax, df, x):
-    terms = [t for t in ("bias", "subspace", "rank", "variance") if f"decomp_{t}" in df]
+    # closed form where there is one (linear task), else the Monte Carlo terms
+    kind = "exact" if "decomp_bias" in df else "Monte Carlo"
+    col = (lambda t: f"decomp_{t}") if kind == "exact" else (lambda t: f"decomp_{t}_mc")
+    terms = [t for t in ("bias", "subspace", "rank", "variance")
+             if col(t) in df and np.isfinite(df[col(t)].to_numpy(float)).all()]
     bottom = np.zeros_like(x)
     for i, t in enumerate(terms):
-        v = np.clip(df[f"decomp_{t}"].to_numpy(float), 0.0, None)
+        v = np.clip(df[col(t)].to_numpy(float), 0.0, None)
         ax.bar(x, v, bottom=bottom, color=f"C{i}", label=t)
         bottom = bottom + v
     ax.set_xlabel("dataset $e$")
-    ax.set_ylabel(r"$E\,\|(W_S - W_T) X^T\|_F^2$")
-    ax.set_title("Decomposition of the convexity bound (exact)")
+    ax.set_ylabel(r"$E\,\|F_S - F_T\|_F^2$ on the training inputs")
+    ax.set_title(f"Decomposition of the convexity bound ({kind})")
     if terms:
         ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
+    else:
+        ax.text(0.05, 0.5, "no decomposition for this channel\n(categorical predictions)",
+                transform=ax.transAxes)
 
 
 def _panel_bounds(ax, df, x):
-    truth, kind = _truth(df)
-    se = df["gen_S_se"].to_numpy(float) if kind == "Monte Carlo" else None
+    prefix = bound_space(df)
+    gen = "gen_S_F" if prefix else "gen_S"
+    sym = r"\mathrm{gen}^F_S" if prefix else r"\mathrm{gen}_S"
+    truth, kind = _truth(df, prefix)
+    se = df[gen + "_se"].to_numpy(float) if kind == "Monte Carlo" else None
     ax.errorbar(x, truth, yerr=None if se is None else Z95 * se, fmt="s", color="k", ms=5,
-                capsize=2, label=rf"true $\mathrm{{gen}}_S(D)$ ({kind})", zorder=5)
-    if "gen_S" in df and kind == "exact":
-        _errorbar(ax, x, df, "gen_S", r"$\mathrm{gen}_S(D)$ Monte Carlo (95% CI)", "0.5", ".", 0.15)
+                capsize=2, label=rf"true ${sym}(D)$ ({kind})", zorder=5)
+    if gen in df and kind == "exact":
+        _errorbar(ax, x, df, gen, rf"${sym}(D)$ Monte Carlo (95% CI)", "0.5", ".", 0.15)
     shown = []
     offsets = np.linspace(-0.3, 0.3, len(BOUND_STYLE))
     for (name, (label, marker, color)), off in zip(BOUND_STYLE.items(), offsets):
+        name, label = prefix + name, ("F-" + label if prefix else label)
         if name not in df:
             continue
         v = df[name].to_numpy(float)
@@ -119,19 +141,24 @@ def _panel_bounds(ax, df, x):
         ax.text(0.02, 0.95, r"parameter-space bounds are $\pm\infty$ (infinite $KL_D$)",
                 transform=ax.transAxes, va="top", fontsize=9)
     ax.set_xlabel("dataset $e$")
-    ax.set_ylabel(r"bound on $\mathrm{gen}_S(D)$")
-    ax.set_title("Bounds beside the true student gap, per dataset")
+    ax.set_ylabel(rf"bound on ${sym}(D)$")
+    ax.set_title(("Function-space bounds (no finite parameter-space KL)" if prefix else "Bounds")
+                 + " beside the true student gap, per dataset")
     ax.legend(fontsize=7, ncol=2)
 
 
 def _panel_average(ax, result):
     summary = result.summary
-    truth_col = "gen_S_exact" if "gen_S_exact" in summary.index else "gen_S"
-    names = [n for n in BOUND_STYLE if n in summary.index and np.isfinite(summary.loc[n, "mean"])]
+    prefix = bound_space(result.per_dataset)
+    gen = "gen_S_F" if prefix else "gen_S"
+    truth_col = gen + "_exact" if gen + "_exact" in summary.index else gen
+    names = [n for n in BOUND_STYLE
+             if prefix + n in summary.index and np.isfinite(summary.loc[prefix + n, "mean"])]
     rows = [truth_col] + names
     y = np.arange(len(rows))[::-1]
     for yi, name in zip(y, rows):
-        m, lo, hi = (summary.loc[name, c] for c in ("mean", "ci_low", "ci_high"))
+        key = name if name == truth_col else prefix + name
+        m, lo, hi = (summary.loc[key, c] for c in ("mean", "ci_low", "ci_high"))
         if name == truth_col:
             label, marker, color = (rf"true $\mathrm{{gen}}_S$", "s", "k")
         else:
@@ -145,7 +172,7 @@ def _panel_average(ax, result):
     ax.set_yticklabels([r"true $\mathrm{gen}_S$" if r == truth_col else BOUND_STYLE[r][0] for r in rows],
                        fontsize=8)
     ax.set_xlabel("dataset average (95% bootstrap CI)")
-    ax.set_title("Averaged over datasets")
+    ax.set_title("Averaged over datasets" + (" (function space)" if prefix else ""))
 
 
 def plot_result(result: "Result", path: str | os.PathLike[str] | None = None):
@@ -166,9 +193,14 @@ def plot_result(result: "Result", path: str | os.PathLike[str] | None = None):
     _panel_decomposition(fig.add_subplot(grid[0, 2]), df, x)
     _panel_bounds(fig.add_subplot(grid[1, :2]), df, x)
     _panel_average(fig.add_subplot(grid[1, 2]), result)
-    rank = cfg.student.rank if cfg.student.rank is not None else cfg.task.d
-    fig.suptitle(f"kdsim: {cfg.task.name}, d={cfg.task.d}, k={cfg.task.k}, n={cfg.task.n}, "
-                 rf"r={rank}, $\alpha$={cfg.student.alpha:g}, $\nu_T$={cfg.student.teacher_noise:g}; "
+    if cfg.task.name == "linear_gaussian":
+        rank = cfg.student.rank if cfg.student.rank is not None else cfg.task.d
+        arch = f"k={cfg.task.k}, r={rank}"
+    else:
+        arch = f"widths {cfg.teacher.model.width} -> {cfg.student.model.width}"
+    fig.suptitle(f"kdsim: {cfg.task.name}, d={cfg.task.d}, n={cfg.task.n}, {arch}, "
+                 rf"$\alpha$={cfg.student.alpha:g}, $\nu_T$={cfg.student.teacher_noise:g}, "
+                 rf"$\tau$={cfg.student.temperature:g}; "
                  f"{cfg.num_datasets} datasets x {cfg.num_particles} particles")
     if path is not None:
         fig.savefig(path, dpi=110)

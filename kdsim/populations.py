@@ -1,12 +1,16 @@
 """Two-phase training of teacher and student populations (SPEC §2).
 
-E datasets x P particles advance together: the code below is written for ONE particle
-of ONE dataset, vmapped over particles and then datasets, with ``lax.scan`` over steps.
+E datasets x P particles advance together: energies are written for ONE particle of
+ONE dataset; :func:`kdsim.langevin.run_population` vmaps them over particles and
+datasets and scans over steps.
 
 Phase 1 runs the teachers. Phase 2 runs each student particle against its partner's
 FINAL teacher state, frozen for the whole student run, with its own soft-label noise
 drawn once. Teacher and student particle ``i`` of dataset ``e`` are a pair: this
-pairing is the coupling of the two training processes.
+pairing is the coupling of the two training processes. Optionally the same students
+are also trained from scratch (``alpha = 1``, same random draws: common random numbers
+make the KD-versus-scratch comparison sharp), and the Girsanov path-space bound
+``sum_t (h/4) ||grad U_S(w_t) - grad U_T(w_t)||^2`` is accumulated along each student's run.
 
 Linear fast path: the student's distillation target only enters the gradient through
 ``T = alpha Cyx + (1 - alpha)(W_T Cxx + nu_T E^T X / n)`` (k x d), constant along the
@@ -17,30 +21,40 @@ drawing the n x k soft-label noise E, at O(k d^2) instead of O(n k d) per partic
 
 from __future__ import annotations
 
+import time
 from functools import partial
-from typing import NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import langevin, streams
-from .config import LangevinNumeric, Numeric, Static
+from . import langevin, models, streams
+from .config import LangevinNumeric, Resolved
 from .tasks import linear_gaussian as lg
+from .tasks import mlp as mlp_task
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class Populations(NamedTuple):
-    """Final particle states, leading axes ``(E, P)``."""
+    """Final particle states, leading axes ``(E, P)``.
 
-    teacher: np.ndarray           # (E, P, k, d)
-    student: np.ndarray           # (E, P, k, d) W_S = V Pi^T (float64)
-    student_sub: np.ndarray       # (E, P, k, r) V, the student's own coordinates
+    Linear task: parameters are ``(E, P, k, d)`` arrays; MLP tasks: flax parameter
+    pytrees whose leaves have leading axes ``(E, P)``.
+    """
+
+    teacher: Any                  # linear (E, P, k, d); MLP pytree
+    student: Any                  # linear W_S = V Pi^T (float64); MLP pytree
+    student_sub: np.ndarray | None   # linear: V (E, P, k, r), the student's own coordinates
+    scratch: Any                  # the student trained with alpha = 1 (same draws), or None
     diverged_T: np.ndarray        # (E, P) bool
     diverged_S: np.ndarray        # (E, P) bool
+    diverged_scratch: np.ndarray  # (E, P) bool (all False without a scratch run)
     diverged_step_T: np.ndarray   # (E, P) int32, -1 if finite
     diverged_step_S: np.ndarray   # (E, P) int32
+    girsanov: np.ndarray | None   # (E, P) path-space KL bound of each student's run
+    seconds: dict                 # wall time of each phase
 
 
 def _cast(tree, dtype):
@@ -54,58 +68,93 @@ def _normals(keys: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
     return draws.reshape((E, P) + tuple(shape))
 
 
-def _quadratic_population(keys_init, keys_noise, C, B, p: LangevinNumeric, num_steps: int,
-                          shared_B: bool):
-    """Chains on ``U(W) = gamma [0.5 tr(W C W^T) - tr(B W^T)] + ||W||^2 / (2 s0^2)``.
+def _sq_norm(tree) -> jax.Array:
+    return sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(tree))
+
+
+def train(p: LangevinNumeric, grad_energy: Callable, w0, keys_noise: jax.Array, num_steps: int,
+          data: Any, targets: Any = None, girsanov: bool = False):
+    """Langevin-train a population from ``w0`` (leading axes ``(E, P)``).
 
     Args:
-      keys_init, keys_noise: ``(E, P)``; C: ``(E, q, q)`` per dataset; B: ``(E, k, q)``
-        per dataset if ``shared_B`` (teachers) else ``(E, P, k, q)`` per particle
-        (students, whose target depends on their partner).
+      grad_energy: ``(w, data_e, target_i) -> grad U(w)`` for one particle; with
+        ``girsanov``, ``-> (grad U(w), grad U(w) - grad U_T(w))`` and the path-space bound
+        ``sum_t (h_t/4) ||grad U(w_t) - grad U_T(w_t)||^2`` is accumulated along each run.
+      data: per-dataset pytree (leading axis E); targets: per-particle pytree
+        (leading axes ``(E, P)``) or None.
     Returns:
-      the final :class:`~kdsim.langevin.LangevinState`, leading axes ``(E, P)``.
+      ``(final LangevinState, (E, P) Girsanov sums or None)``.
     """
-
-    def grad_energy(w, batch):
-        (C_e, B_e), B_i = batch
-        return p.gamma * lg.quadratic_grad(w, C_e, B_e if shared_B else B_i) + w / p.prior_scale**2
-
-    kernel = langevin.build_kernel(grad_energy, langevin.constant_schedule(p.step_size))
-    w0 = p.init_scale * _normals(keys_init, B.shape[-2:], B.dtype)
+    kernel = langevin.build_kernel(lambda w, b: grad_energy(w, b[0], b[1]),
+                                   langevin.constant_schedule(p.step_size), has_aux=girsanov)
     state = jax.vmap(jax.vmap(kernel.init))(w0)
-    dataset_batch, particle_batch = ((C, B), None) if shared_B else ((C, None), B)
-    state, _ = langevin.run_population(kernel, keys_noise, state, 0, num_steps,
-                                       batch=dataset_batch, particle_batch=particle_batch)
-    return state
+    if not girsanov:
+        state, _ = langevin.run_population(kernel, keys_noise, state, 0, num_steps,
+                                           batch=data, particle_batch=targets)
+        return state, None
+
+    def accumulate(acc, pre, info, batch):
+        return acc + 0.25 * info.step_size * _sq_norm(info.aux)
+
+    acc0 = jnp.zeros(keys_noise.shape, jax.tree_util.tree_leaves(w0)[0].dtype)
+    return langevin.run_population(kernel, keys_noise, state, 0, num_steps, batch=data,
+                                   particle_batch=targets, accumulate=accumulate, acc_init=acc0)
 
 
-# Static arguments are only the step counts: shapes and dtypes come from the arrays, so
-# runs that differ in n, or in any numeric field, share one compiled program.
+def _keys(root, name, datasets, particles):
+    return streams.particle_keys(root, name, datasets, particles)
+
+
+# ---------------------------------------------------------------------------------------
+# linear task. Static arguments are only step counts and flags: shapes and dtypes come
+# from the arrays, so runs that differ in n or in any numeric field share one program.
+
+
+def _linear_grad(p: LangevinNumeric):
+    """``grad U(W) = gamma (W C - B) + W / s0^2`` for data ``(C, B_shared)`` or target B."""
+
+    def grad(w, data, target):
+        C, B_shared = data[0], data[1]
+        B = B_shared if target is None else target
+        return p.gamma * lg.quadratic_grad(w, C, B) + w / p.prior_scale**2
+
+    return grad
 
 
 @partial(jax.jit, static_argnames=("num_steps",))
 def _linear_teachers(root, datasets, particles, Cxx, Cyx, p: LangevinNumeric, *, num_steps: int):
-    keys_init = streams.particle_keys(root, "teacher_init", datasets, particles)
-    keys_noise = streams.particle_keys(root, "teacher_noise", datasets, particles)
-    return _quadratic_population(keys_init, keys_noise, Cxx, Cyx, p, num_steps, shared_B=True)
+    w0 = p.init_scale * _normals(_keys(root, "teacher_init", datasets, particles),
+                                 Cyx.shape[-2:], Cxx.dtype)
+    state, _ = train(p, _linear_grad(p), w0, _keys(root, "teacher_noise", datasets, particles),
+                     num_steps, (Cxx, Cyx))
+    return state
 
 
-@partial(jax.jit, static_argnames=("num_steps",))
-def _linear_students(root, datasets, particles, teacher, Cp, CyxPi, CxxPi, NoisePi,
-                     p: LangevinNumeric, alpha, teacher_noise, *, num_steps: int):
+@partial(jax.jit, static_argnames=("num_steps", "girsanov"))
+def _linear_students(root, datasets, particles, teacher, Cp, CyxPi, CxxPi, NoisePi, Cxx, Cyx,
+                     p: LangevinNumeric, p_T: LangevinNumeric, alpha, teacher_noise, *,
+                     num_steps: int, girsanov: bool):
     """Students in their own coordinates V (k x r); per-dataset matrices are
     ``Cp = Pi^T Cxx Pi``, ``CyxPi = Cyx Pi``, ``CxxPi = Cxx Pi``,
-    ``NoisePi = Cxx^{1/2} Pi / sqrt(n)``."""
-    k = CyxPi.shape[-2]
+    ``NoisePi = Cxx^{1/2} Pi / sqrt(n)``. With ``girsanov`` (full student, Pi = I) the
+    teacher's energy gradient ``gamma_T (W Cxx - Cyx) + W / s0_T^2`` is compared along the run."""
+    k, r = CyxPi.shape[-2:]
     d = CxxPi.shape[-2]
-    keys_init = streams.particle_keys(root, "student_init", datasets, particles)
-    keys_noise = streams.particle_keys(root, "student_noise", datasets, particles)
-    z = _normals(streams.particle_keys(root, "soft_label", datasets, particles), (k, d), Cp.dtype)
+    z = _normals(_keys(root, "soft_label", datasets, particles), (k, d), Cp.dtype)
     # the distillation target of each student, frozen for its whole run: (E, P, k, r)
     B = alpha * CyxPi[:, None] + (1 - alpha) * (
         jnp.einsum("epkd,edr->epkr", teacher, CxxPi, precision=HIGHEST)
         + teacher_noise * jnp.einsum("epkd,edr->epkr", z, NoisePi, precision=HIGHEST))
-    return _quadratic_population(keys_init, keys_noise, Cp, B, p, num_steps, shared_B=False)
+    w0 = p.init_scale * _normals(_keys(root, "student_init", datasets, particles), (k, r), Cp.dtype)
+    grad = _linear_grad(p)
+    if girsanov:
+        def grad_and_diff(w, data, target):
+            g = grad(w, data, target)
+            g_T = p_T.gamma * lg.quadratic_grad(w, data[2], data[3]) + w / p_T.prior_scale**2
+            return g, g - g_T
+    return train(p, grad_and_diff if girsanov else grad, w0,
+                 _keys(root, "student_noise", datasets, particles), num_steps,
+                 (Cp, None, Cxx, Cyx), B, girsanov)
 
 
 def symmetric_sqrt(C: np.ndarray) -> np.ndarray:
@@ -114,34 +163,217 @@ def symmetric_sqrt(C: np.ndarray) -> np.ndarray:
     return (vecs * np.sqrt(np.clip(vals, 0.0, None))[..., None, :]) @ np.swapaxes(vecs, -1, -2)
 
 
-def run_linear(root: jax.Array, static: Static, numeric: Numeric, data: lg.LinearData,
-               datasets: np.ndarray, particles: np.ndarray) -> Populations:
-    """Train the teacher then the student populations of the linear task.
+def run_linear(root: jax.Array, res: Resolved, data: lg.LinearData, datasets: np.ndarray,
+               particles: np.ndarray) -> Populations:
+    """Train the teacher, student (and scratch student) populations of the linear task.
 
     Args:
       root: the run's root key.
       datasets: ``(E,)`` global dataset indices (rows of ``data``).
       particles: ``(P,)`` global particle indices.
     """
+    static, numeric = res.static, res.numeric
     dtype = jnp.dtype(static.dtype)
+    seconds = {}
     with jax.enable_x64(static.dtype == "float64"):
         ds = jnp.asarray(datasets, jnp.uint32)
         ps = jnp.asarray(particles, jnp.uint32)
         Cxx, Cyx = _cast(data.Cxx, dtype), _cast(data.Cyx, dtype)
+        t0 = time.perf_counter()
         teachers = _linear_teachers(root, ds, ps, Cxx, Cyx, _cast(numeric.teacher, dtype),
                                     num_steps=static.teacher_steps)
-        Pi, PiT = data.Pi, np.swapaxes(data.Pi, -1, -2)
-        per_dataset = (PiT @ data.Cxx @ Pi, data.Cyx @ Pi, data.Cxx @ Pi,
-                       symmetric_sqrt(data.Cxx) @ Pi / np.sqrt(static.n))
-        students = _linear_students(
-            root, ds, ps, teachers.position, *_cast(per_dataset, dtype),
-            _cast(numeric.student, dtype), _cast(numeric.alpha, dtype),
-            _cast(numeric.teacher_noise, dtype), num_steps=static.student_steps)
         teacher_w = np.asarray(teachers.position)
+        seconds["teacher"] = time.perf_counter() - t0
+        Pi, PiT = data.Pi, np.swapaxes(data.Pi, -1, -2)
+        per_dataset = _cast((PiT @ data.Cxx @ Pi, data.Cyx @ Pi, data.Cxx @ Pi,
+                             symmetric_sqrt(data.Cxx) @ Pi / np.sqrt(static.n)), dtype)
+        common = (root, ds, ps, teachers.position, *per_dataset, Cxx, Cyx,
+                  _cast(numeric.student, dtype), _cast(numeric.teacher, dtype))
+        t0 = time.perf_counter()
+        students, girsanov = _linear_students(
+            *common, _cast(numeric.alpha, dtype), _cast(numeric.teacher_noise, dtype),
+            num_steps=static.student_steps, girsanov=res.girsanov)
         student_v = np.asarray(students.position)
+        seconds["student"] = time.perf_counter() - t0
+        scratch_w, div_scratch = None, np.zeros(teacher_w.shape[:2], bool)
+        if res.scratch:
+            t0 = time.perf_counter()
+            scratch, _ = _linear_students(*common, _cast(1.0, dtype), _cast(0.0, dtype),
+                                          num_steps=static.student_steps, girsanov=False)
+            scratch_w = np.einsum("epkr,edr->epkd", np.asarray(scratch.position, np.float64),
+                                  data.Pi)
+            div_scratch = np.asarray(scratch.diverged)
+            seconds["scratch"] = time.perf_counter() - t0
     student_w = np.einsum("epkr,edr->epkd", student_v.astype(np.float64), data.Pi)
     return Populations(
-        teacher=teacher_w, student=student_w, student_sub=student_v,
+        teacher=teacher_w, student=student_w, student_sub=student_v, scratch=scratch_w,
         diverged_T=np.asarray(teachers.diverged), diverged_S=np.asarray(students.diverged),
+        diverged_scratch=div_scratch,
         diverged_step_T=np.asarray(teachers.diverged_step),
-        diverged_step_S=np.asarray(students.diverged_step))
+        diverged_step_S=np.asarray(students.diverged_step),
+        girsanov=None if girsanov is None else np.asarray(girsanov, np.float64),
+        seconds=seconds)
+
+
+# ---------------------------------------------------------------------------------------
+# MLP tasks
+
+
+def mlp_models(res: Resolved) -> tuple[models.MLP, models.MLP]:
+    st = res.static
+    out = st.num_classes if st.task == "mlp_classification" else st.k
+    teacher = models.MLP(st.teacher_width, st.teacher_depth, out, st.teacher_activation)
+    student = models.MLP(st.student_width, st.student_depth, out, st.student_activation)
+    return teacher, student
+
+
+def mlp_objectives(model: models.MLP, classification: bool):
+    """``(risk, kd_risk)`` of one parameter pytree on one dataset.
+
+    ``risk(w, X, Y)`` is the mean task loss (squared / cross-entropy);
+    ``kd_risk(w, X, target, tau)`` the mean distillation loss against per-example targets
+    (soft labels / tempered teacher probabilities).
+    """
+    task_loss, kd_loss = prediction_losses(classification)
+    risk = lambda w, X, Y: task_loss(model.apply({"params": w}, X), Y)
+    kd_risk = lambda w, X, target, tau: kd_loss(model.apply({"params": w}, X), target, tau)
+    return risk, kd_risk
+
+
+def prediction_losses(classification: bool):
+    """Mean task and distillation losses as functions of the predictions ``f`` ``(n, out)``."""
+    loss = mlp_task.cross_entropy if classification else mlp_task.squared_loss
+
+    def task_loss(f, Y):
+        return jnp.mean(jax.vmap(loss)(f, Y))
+
+    def kd_loss(f, target, tau):
+        if classification:
+            return jnp.mean(jax.vmap(mlp_task.kd_classification, in_axes=(0, 0, None))(f, target, tau))
+        return jnp.mean(jax.vmap(mlp_task.kd_regression)(f, target))
+
+    return task_loss, kd_loss
+
+
+def _mlp_init(root, name, datasets, particles, template, scale):
+    keys = _keys(root, name, datasets, particles)
+    E, P = keys.shape
+    flat = jax.vmap(lambda k: models.init_params(k, template, scale))(keys.reshape(-1))
+    return jax.tree_util.tree_map(lambda x: x.reshape((E, P) + x.shape[1:]), flat)
+
+
+def _teacher_energy_grad(model, classification, p: LangevinNumeric):
+    task_loss, _ = prediction_losses(classification)
+
+    def grad(w, data, _target=None):
+        X, Y = data[0], data[1]
+        f, vjp = jax.vjp(lambda v: model.apply({"params": v}, X), w)
+        (g,) = vjp(p.gamma * jax.grad(task_loss)(f, Y))
+        return jax.tree_util.tree_map(lambda a, b: a + b / p.prior_scale**2, g, w)
+
+    return grad
+
+
+def student_energy_grad(model, classification: bool, p: LangevinNumeric, p_T: LangevinNumeric,
+                        alpha, tau, girsanov: bool):
+    """Gradient of the student's energy (SPEC §2) for one particle:
+    ``U_S(w) = gamma_S [alpha Lhat(w) + (1 - alpha) Lkd(w; target)] + ||w||^2 / (2 s0_S^2)``.
+
+    Returns ``grad(w, (X, Y), target)``; with ``girsanov`` it returns
+    ``(grad U_S(w), grad U_S(w) - grad U_T(w))`` (the teacher's energy at the same w).
+    One forward pass serves both loss terms: the gradient is a vjp with the combined
+    output cotangent (the teacher's objective shares the task-loss cotangent).
+    """
+    task_loss, kd_loss = prediction_losses(classification)
+
+    def grad(w, data, tgt):
+        X_e, Y_e = data[0], data[1]
+        f, vjp = jax.vjp(lambda v: model.apply({"params": v}, X_e), w)
+        g_task = jax.grad(task_loss)(f, Y_e)
+        # alpha = 1 (the scratch student) skips the distillation term entirely
+        g_kd = jax.lax.cond(alpha < 1, lambda: jax.grad(kd_loss)(f, tgt, tau), lambda: jnp.zeros_like(f))
+        (g_S,) = vjp(p.gamma * (alpha * g_task + (1 - alpha) * g_kd))
+        g_S = jax.tree_util.tree_map(lambda a, b: a + b / p.prior_scale**2, g_S, w)
+        if not girsanov:
+            return g_S
+        (g_diff,) = vjp((p.gamma * alpha - p_T.gamma) * g_task + p.gamma * (1 - alpha) * g_kd)
+        shrink = 1 / p.prior_scale**2 - 1 / p_T.prior_scale**2
+        return g_S, jax.tree_util.tree_map(lambda a, b: a + shrink * b, g_diff, w)
+
+    return grad
+
+
+@partial(jax.jit, static_argnames=("model", "classification", "num_steps"))
+def _mlp_teachers(root, datasets, particles, X, Y, p: LangevinNumeric, *, model, classification,
+                  num_steps: int):
+    template = models.param_template(model, X.shape[-1], X.dtype)
+    w0 = _mlp_init(root, "teacher_init", datasets, particles, template, p.init_scale)
+    state, _ = train(p, _teacher_energy_grad(model, classification, p), w0,
+                     _keys(root, "teacher_noise", datasets, particles), num_steps, (X, Y))
+    return state
+
+
+@partial(jax.jit, static_argnames=("teacher_model", "model", "classification", "num_steps",
+                                   "girsanov"))
+def _mlp_students(root, datasets, particles, teacher, X, Y, p: LangevinNumeric,
+                  p_T: LangevinNumeric, alpha, teacher_noise, tau, *, teacher_model, model,
+                  classification, num_steps: int, girsanov: bool):
+    f_T = jax.vmap(lambda w_e, X_e: jax.vmap(lambda w: teacher_model.apply({"params": w}, X_e))(w_e))(
+        teacher, X)                                                     # (E, P, n, out)
+    if classification:
+        target = jax.nn.softmax(f_T / tau, axis=-1)
+    else:
+        e = _normals(_keys(root, "soft_label", datasets, particles), f_T.shape[2:], f_T.dtype)
+        target = f_T + teacher_noise * e
+    grad = student_energy_grad(model, classification, p, p_T, alpha, tau, girsanov)
+    template = models.param_template(model, X.shape[-1], X.dtype)
+    w0 = _mlp_init(root, "student_init", datasets, particles, template, p.init_scale)
+    return train(p, grad, w0, _keys(root, "student_noise", datasets, particles), num_steps,
+                 (X, Y), target, girsanov)
+
+
+def run_mlp(root: jax.Array, res: Resolved, data: mlp_task.MLPData, datasets: np.ndarray,
+            particles: np.ndarray) -> Populations:
+    """Train teacher, student (and scratch student) MLP populations."""
+    st, nm = res.static, res.numeric
+    dtype = jnp.dtype(st.dtype)
+    classification = st.task == "mlp_classification"
+    teacher_model, student_model = mlp_models(res)
+    seconds = {}
+    with jax.enable_x64(st.dtype == "float64"):
+        ds = jnp.asarray(datasets, jnp.uint32)
+        ps = jnp.asarray(particles, jnp.uint32)
+        X = _cast(data.X, dtype)
+        Y = jnp.asarray(data.Y) if classification else _cast(data.Y, dtype)
+        t0 = time.perf_counter()
+        teachers = _mlp_teachers(root, ds, ps, X, Y, _cast(nm.teacher, dtype), model=teacher_model,
+                                 classification=classification, num_steps=st.teacher_steps)
+        jax.block_until_ready(teachers)
+        seconds["teacher"] = time.perf_counter() - t0
+        common = (root, ds, ps, teachers.position, X, Y, _cast(nm.student, dtype),
+                  _cast(nm.teacher, dtype))
+        static_kw = dict(teacher_model=teacher_model, model=student_model,
+                         classification=classification, num_steps=st.student_steps)
+        t0 = time.perf_counter()
+        students, girsanov = _mlp_students(
+            *common, _cast(nm.alpha, dtype), _cast(nm.teacher_noise, dtype),
+            _cast(nm.temperature, dtype), girsanov=res.girsanov, **static_kw)
+        jax.block_until_ready(students)
+        seconds["student"] = time.perf_counter() - t0
+        scratch, div_scratch = None, np.zeros((len(datasets), len(particles)), bool)
+        if res.scratch:
+            t0 = time.perf_counter()
+            sc, _ = _mlp_students(*common, _cast(1.0, dtype), _cast(0.0, dtype),
+                                  _cast(nm.temperature, dtype), girsanov=False, **static_kw)
+            scratch = jax.tree_util.tree_map(np.asarray, sc.position)
+            div_scratch = np.asarray(sc.diverged)
+            seconds["scratch"] = time.perf_counter() - t0
+        to_np = lambda tree: jax.tree_util.tree_map(np.asarray, tree)
+        return Populations(
+            teacher=to_np(teachers.position), student=to_np(students.position), student_sub=None,
+            scratch=scratch, diverged_T=np.asarray(teachers.diverged),
+            diverged_S=np.asarray(students.diverged), diverged_scratch=div_scratch,
+            diverged_step_T=np.asarray(teachers.diverged_step),
+            diverged_step_S=np.asarray(students.diverged_step),
+            girsanov=None if girsanov is None else np.asarray(girsanov, np.float64),
+            seconds=seconds)

@@ -106,3 +106,16 @@ HEADLINE = [
     "B0_upper", "B1_upper", "B2_lower", "B3_upper",
     "gen_S_F", "F_B0_upper", "F_B1_upper", "diverged_T", "diverged_S",
 ]
+
+
+def markdown(df: pd.DataFrame, digits: int = 4) -> str:
+    """A DataFrame as a GitHub Markdown table (no extra dependency)."""
+    def fmt(v):
+        if isinstance(v, (float, np.floating)):
+            return f"{v:.{digits}g}"
+        return str(v)
+    head = [str(df.index.name or "")] + [str(c) for c in df.columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for idx, row in df.iterrows():
+        lines.append("| " + " | ".join([str(idx)] + [fmt(v) for v in row.to_numpy()]) + " |")
+    return "\n".join(lines)

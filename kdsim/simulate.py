@@ -15,18 +15,23 @@ import pandas as pd
 from . import populations, streams
 from .config import ConfigError, Resolved, SimConfig, resolve
 from .evaluation import linear_columns
+from .evaluation_mlp import mlp_columns
 from .result import Result, summarize
 from .tasks import linear_gaussian as lg
+from .tasks import mlp as mlp_task
 
 
-class LinearRun(NamedTuple):
-    """Everything a linear-task run produced before estimation."""
+class Run(NamedTuple):
+    """Everything a run produced before estimation."""
 
     config: SimConfig
     resolved: Resolved
-    data: lg.LinearData
+    data: Any                      # tasks.linear_gaussian.LinearData | tasks.mlp.MLPData
     populations: populations.Populations
     seconds: float
+
+
+LinearRun = Run   # backwards-compatible name
 
 
 def _as_config(config: SimConfig | Mapping[str, Any]) -> SimConfig:
@@ -37,7 +42,7 @@ def _as_config(config: SimConfig | Mapping[str, Any]) -> SimConfig:
     raise ConfigError(f"config must be a SimConfig or a mapping, got {type(config).__name__}")
 
 
-def run_populations(config: SimConfig | Mapping[str, Any]) -> LinearRun:
+def run_populations(config: SimConfig | Mapping[str, Any]) -> Run:
     """Draw the datasets and train the teacher and student populations (no estimation).
 
     For notebooks and tests that need the particles themselves.
@@ -45,22 +50,24 @@ def run_populations(config: SimConfig | Mapping[str, Any]) -> LinearRun:
     cfg = _as_config(config)
     res = resolve(cfg)
     st, nm = res.static, res.numeric
-    if st.task != "linear_gaussian":
-        raise ConfigError(f"task.name {st.task!r} is not available in this version of kdsim; "
-                          "use 'linear_gaussian'")
-    if res.bound_divergence == "girsanov" and st.full_student:
-        raise ConfigError("estimators.bound_divergence = 'girsanov' is not available in this "
-                          "version of kdsim for the linear task; use 'exact'")
     root = streams.root_key(cfg.seed)
     datasets = np.arange(st.num_datasets)
     particles = np.arange(st.num_particles)
-    data = lg.make_data(root, datasets, n=st.n, d=st.d, k=st.k, rank=st.rank,
-                        full_student=st.full_student, noise=nm.noise,
-                        input_scale=nm.input_scale, input_decay=nm.input_decay,
-                        signal_decay=nm.signal_decay)
     t0 = time.perf_counter()
-    pops = populations.run_linear(root, st, nm, data, datasets, particles)
-    return LinearRun(cfg, res, data, pops, time.perf_counter() - t0)
+    if st.task == "linear_gaussian":
+        data = lg.make_data(root, datasets, n=st.n, d=st.d, k=st.k, rank=st.rank,
+                            full_student=st.full_student, noise=nm.noise,
+                            input_scale=nm.input_scale, input_decay=nm.input_decay,
+                            signal_decay=nm.signal_decay)
+        pops = populations.run_linear(root, res, data, datasets, particles)
+    else:
+        classification = st.task == "mlp_classification"
+        data = mlp_task.make_data(
+            root, datasets, n=st.n, d=st.d, out=st.num_classes if classification else st.k,
+            n_test=st.n_test, planted_width=st.planted_width, planted_scale=nm.planted_scale,
+            noise=nm.noise, classification=classification)
+        pops = populations.run_mlp(root, res, data, datasets, particles)
+    return Run(cfg, res, data, pops, time.perf_counter() - t0)
 
 
 def simulate(config: SimConfig | Mapping[str, Any]) -> Result:
@@ -74,19 +81,25 @@ def simulate(config: SimConfig | Mapping[str, Any]) -> Result:
     """
     t0 = time.perf_counter()
     run = run_populations(config)
-    per_dataset, pooled, notes = linear_columns(run)
+    if run.resolved.static.task == "linear_gaussian":
+        per_dataset, pooled, notes = linear_columns(run)
+        datasets = {"X": run.data.X, "Y": run.data.Y, "W_star": run.data.W_star}
+    else:
+        per_dataset, pooled, notes = mlp_columns(run)
+        datasets = {"X": run.data.X.astype(np.float64), "Y": run.data.Y,
+                    "planted_A": run.data.A, "planted_B": run.data.B}
     summary = summarize(per_dataset, seed=run.config.seed)
     notes = list(run.resolved.warnings) + notes + summary_notes(per_dataset)
     st = run.resolved.static
     meta = {
         "engine_seconds": run.seconds,
+        "phase_seconds": dict(run.populations.seconds),
         "total_seconds": time.perf_counter() - t0,
         "particle_steps": st.num_datasets * st.num_particles * (st.teacher_steps + st.student_steps),
         "resolved": {"static": st._asdict(), "numeric": _numeric_dict(run.resolved),
                      "bound_divergence": run.resolved.bound_divergence,
                      "cgf": run.resolved.cgf},
     }
-    datasets = {"X": run.data.X, "Y": run.data.Y, "W_star": run.data.W_star}
     return Result(config=run.config, per_dataset=per_dataset, summary=summary,
                   datasets=datasets, notes=notes, meta=meta, pooled=pooled)
 
@@ -99,13 +112,26 @@ def _numeric_dict(res: Resolved) -> dict[str, Any]:
 
 
 def summary_notes(per_dataset: pd.DataFrame) -> list[str]:
-    """Name every column that holds NaN or inf, so nothing non-finite passes silently."""
-    notes = []
+    """Name every column that holds NaN or inf, so nothing non-finite passes silently.
+
+    (Each such column's reason is in the notes of the stage that produced it.)
+    """
+    all_nan, some_nan, infinite = [], [], []
+    E = len(per_dataset)
     for col in per_dataset.columns:
         v = per_dataset[col].to_numpy(dtype=np.float64, na_value=np.nan)
         n_nan, n_inf = int(np.isnan(v).sum()), int(np.isinf(v).sum())
-        if n_nan:
-            notes.append(f"{col}: NaN in {n_nan} of {len(v)} datasets")
+        if n_nan == E:
+            all_nan.append(col)
+        elif n_nan:
+            some_nan.append(f"{col} ({n_nan} of {E})")
         if n_inf:
-            notes.append(f"{col}: infinite in {n_inf} of {len(v)} datasets")
+            infinite.append(f"{col} ({n_inf} of {E})")
+    notes = []
+    if all_nan:
+        notes.append(f"NaN in every dataset: {', '.join(all_nan)}")
+    if some_nan:
+        notes.append(f"NaN in some datasets: {', '.join(some_nan)}")
+    if infinite:
+        notes.append(f"infinite: {', '.join(infinite)}")
     return notes

@@ -32,6 +32,7 @@ STREAMS: dict[str, int] = {
     "ghost": 10,          # ghost points of the function-space bounds
     "channel": 11,        # prediction-channel noise draws of the function-space CGF
     "estimators": 12,     # Hutchinson probes, power-iteration starts, bootstrap
+    "test_y": 13,         # labels of the fresh test points
 }
 
 

@@ -70,11 +70,21 @@ def planted_weights(root: jax.Array, d: int, k: int, signal_decay: float) -> np.
 
 
 @partial(jax.jit, static_argnames=("n", "d", "k"))
-def _standard_draws(root: jax.Array, datasets: jax.Array, n: int, d: int, k: int):
-    """``(E, n, d)`` and ``(E, n, k)`` standard normals of the given global datasets."""
-    zx = jax.vmap(lambda e: streams.normal(streams.dataset_key(root, "data_x", e), (n, d)))(datasets)
-    zy = jax.vmap(lambda e: streams.normal(streams.dataset_key(root, "data_y", e), (n, k)))(datasets)
+def _standard_draws(x_stream: jax.Array, y_stream: jax.Array, datasets: jax.Array, n: int, d: int,
+                    k: int):
+    """``(E, n, d)`` and ``(E, n, k)`` standard normals; dataset e uses ``fold_in(stream, e)``."""
+    zx = jax.vmap(lambda e: streams.normal(jax.random.fold_in(x_stream, e), (n, d)))(datasets)
+    zy = jax.vmap(lambda e: streams.normal(jax.random.fold_in(y_stream, e), (n, k)))(datasets)
     return zx, zy
+
+
+def sample_points(x_stream: jax.Array, y_stream: jax.Array, datasets: np.ndarray, n: int,
+                  W_star: np.ndarray, sx: np.ndarray, noise: float) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` fresh points ``(x, y)`` per dataset, float64: ``(E, n, d)``, ``(E, n, k)``."""
+    k, d = W_star.shape
+    zx, zy = _standard_draws(x_stream, y_stream, jnp.asarray(datasets, jnp.uint32), n, d, k)
+    X = np.asarray(zx, np.float64) * np.sqrt(sx)
+    return X, X @ W_star.T + noise * np.asarray(zy, np.float64)
 
 
 def student_subspace(Cxx: np.ndarray, rank: int, full: bool) -> np.ndarray:
@@ -90,11 +100,10 @@ def make_data(root: jax.Array, datasets: np.ndarray, *, n: int, d: int, k: int, 
               full_student: bool, noise: float, input_scale: float, input_decay: float,
               signal_decay: float) -> LinearData:
     """Draw the datasets with the given global indices and their float64 statistics."""
-    zx, zy = _standard_draws(root, jnp.asarray(datasets, jnp.uint32), n, d, k)
     sx = input_variances(d, input_scale, input_decay)
     W_star = planted_weights(root, d, k, signal_decay)
-    X = np.asarray(zx, np.float64) * np.sqrt(sx)
-    Y = X @ W_star.T + noise * np.asarray(zy, np.float64)
+    X, Y = sample_points(streams.stream_key(root, "data_x"), streams.stream_key(root, "data_y"),
+                         datasets, n, W_star, sx, noise)
     Cxx = np.einsum("eni,enj->eij", X, X) / n
     Cyx = np.einsum("enk,enj->ekj", Y, X) / n
     Cyy = np.einsum("enk,enk->e", Y, Y) / n
@@ -132,10 +141,16 @@ def gap(W: jax.Array, Cxx, Cyx, Cyy, W_star, sx, noise) -> jax.Array:
     return population_risk(W, W_star, sx, noise) - empirical_risk(W, Cxx, Cyx, Cyy)
 
 
-def gap_np(W: np.ndarray, data: LinearData) -> np.ndarray:
-    """``g_D`` of a float64 particle array ``(E, P, k, d)`` -> ``(E, P)`` (NumPy, float64)."""
+def population_risk_np(W: np.ndarray, data: LinearData) -> np.ndarray:
+    """``L_mu`` of a particle array ``(E, P, k, d)`` -> ``(E, P)`` (NumPy, float64)."""
+    W = np.asarray(W, np.float64)
     delta = W - data.W_star
-    pop = 0.5 * (np.einsum("epki,i,epki->ep", delta, data.sx, delta) + W.shape[-2] * data.noise**2)
+    return 0.5 * (np.einsum("epki,i,epki->ep", delta, data.sx, delta) + W.shape[-2] * data.noise**2)
+
+
+def gap_np(W: np.ndarray, data: LinearData) -> np.ndarray:
+    """``g_D`` of a particle array ``(E, P, k, d)`` -> ``(E, P)`` (NumPy, float64)."""
+    W = np.asarray(W, np.float64)
     quad = np.einsum("epki,eij,epkj->ep", W, data.Cxx, W)
     lin = np.einsum("eki,epki->ep", data.Cyx, W)
-    return pop - 0.5 * (quad - 2.0 * lin + data.Cyy[:, None])
+    return population_risk_np(W, data) - 0.5 * (quad - 2.0 * lin + data.Cyy[:, None])

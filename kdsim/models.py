@@ -1,0 +1,85 @@
+"""Flax MLPs in the standard-normal ("NTK") parametrisation (SPEC §6).
+
+Every layer computes ``W h / sqrt(fan_in) + b``, so every parameter has the same prior
+``N(0, s0^2)`` and the same initial law ``N(0, s_init^2)`` as the linear model: the
+Langevin dynamics of SPEC §2 apply to the plain parameter pytree unchanged.
+
+Modules are used functionally: ``model.apply({"params": params}, x)``; parameters are
+plain pytrees, initialised here as standard normal draws from an explicit key (the
+flax initialisers are never used), so an ensemble is a vmapped :func:`init_params`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from .langevin import gaussian_like
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "tanh": jnp.tanh,
+    "relu": jax.nn.relu,
+    "gelu": jax.nn.gelu,
+    "softplus": jax.nn.softplus,
+    "sigmoid": jax.nn.sigmoid,
+    "identity": lambda x: x,
+}
+
+Params = Any
+
+
+class NTKDense(nn.Module):
+    """``x @ W / sqrt(fan_in) + b`` with W, b of unit scale."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        fan_in = x.shape[-1]
+        kernel = self.param("kernel", nn.initializers.zeros, (fan_in, self.features), x.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), x.dtype)
+        bias = bias.reshape((1,) * (x.ndim - 1) + (self.features,))
+        return x @ kernel / jnp.sqrt(jnp.asarray(fan_in, x.dtype)) + bias
+
+
+class MLP(nn.Module):
+    """``depth`` hidden layers of ``width`` units, then a linear read-out of ``out`` units.
+
+    Input ``(..., d)``, output ``(..., out)``.
+    """
+
+    width: int
+    depth: int
+    out: int
+    activation: str = "tanh"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = ACTIVATIONS[self.activation]
+        h = x
+        for _ in range(self.depth):
+            h = act(NTKDense(self.width)(h))
+        return NTKDense(self.out)(h)
+
+
+def param_template(model: MLP, d: int, dtype=jnp.float32) -> Params:
+    """Shapes and dtypes of the parameter pytree (no computation)."""
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, d), dtype)))
+    return shapes["params"]
+
+
+def init_params(key: jax.Array, template: Params, scale: jax.Array) -> Params:
+    """``N(0, scale^2)`` draws of every parameter (one key per particle)."""
+    zeros = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), template)
+    return jax.tree_util.tree_map(lambda z: scale * z, gaussian_like(key, zeros))
+
+
+def num_params(template: Params) -> int:
+    return int(sum(x.size for x in jax.tree_util.tree_leaves(template)))
+
+
+def sq_norm(params: Params) -> jax.Array:
+    return sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(params))

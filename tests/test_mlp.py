@@ -1,0 +1,291 @@
+"""Neural tasks (SPEC §2, §5, §6): data, NTK models, distillation objectives, engine,
+Girsanov, sharpness, bounds, KD versus scratch."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+import kdsim
+from kdsim import langevin, models, populations, streams
+from kdsim.config import LangevinNumeric, SimConfig, resolve
+from kdsim.estimators import sharpness
+from kdsim.stats import bonferroni_z
+from kdsim.tasks import mlp as mlp_task
+
+SMALL = {"task": {"d": 4, "n": 32, "n_test": 512, "k": 2}, "teacher": {"num_steps": 80,
+         "model": {"width": 8}}, "student": {"model": {"width": 8}, "alpha": 0.3},
+         "num_datasets": 3, "num_particles": 16}
+
+
+def _cfg(task, **over):
+    base = {**SMALL, "task": {**SMALL["task"], "name": task}}
+    return SimConfig.from_dict(base).replace(over) if over else SimConfig.from_dict(base)
+
+
+@pytest.fixture(scope="module", params=["mlp_regression", "mlp_classification"])
+def result(request):
+    return kdsim.simulate(_cfg(request.param))
+
+
+# ---------------------------------------------------------------------------------- data
+
+
+def test_planted_network_and_classification_labels():
+    root = streams.root_key(3)
+    data = mlp_task.make_data(root, np.arange(2), n=4000, d=5, out=3, n_test=10, planted_width=16,
+                              planted_scale=2.0, noise=0.5, classification=True)
+    x = data.X[0]
+    f = 2.0 * np.tanh(x @ data.B.T / np.sqrt(5)) @ data.A.T / np.sqrt(16)
+    np.testing.assert_allclose(np.asarray(mlp_task.planted_function(jnp.asarray(x), jnp.asarray(data.A),
+                                                                    jnp.asarray(data.B), 2.0)), f, rtol=1e-5, atol=1e-5)
+    # y ~ Cat(softmax(f*)): class frequencies against the mean probabilities, by z-score
+    p = np.exp(f - f.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    onehot = np.eye(3)[data.Y[0]]
+    z = (onehot.mean(0) - p.mean(0)) / np.sqrt((p * (1 - p)).mean(0) / 4000)
+    assert np.max(np.abs(z)) < bonferroni_z(3)
+    assert abs(x.std() - 1.0) < 0.05
+    reg = mlp_task.make_data(root, np.arange(1), n=4000, d=5, out=2, n_test=10, planted_width=16,
+                             planted_scale=2.0, noise=0.5, classification=False)
+    f2 = 2.0 * np.tanh(reg.X[0] @ reg.B.T / np.sqrt(5)) @ reg.A[:2].T / np.sqrt(16)
+    resid = reg.Y[0] - np.asarray(mlp_task.planted_function(jnp.asarray(reg.X[0]), jnp.asarray(reg.A),
+                                                             jnp.asarray(reg.B), 2.0))
+    assert abs(resid.std() - 0.5) < 0.02
+    del f2
+
+
+def test_ntk_layers_and_initial_law():
+    model = models.MLP(width=6, depth=2, out=3, activation="tanh")
+    tmpl = models.param_template(model, 5)
+    params = models.init_params(jax.random.key(0), tmpl, jnp.float32(0.7))
+    flat, _ = ravel_pytree(params)
+    assert flat.shape == (models.num_params(tmpl),) == (5 * 6 + 6 + 6 * 6 + 6 + 6 * 3 + 3,)
+    x = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
+    h = x
+    layers = [params["NTKDense_0"], params["NTKDense_1"]]
+    for layer in layers:
+        h = np.tanh(h @ np.asarray(layer["kernel"]) / np.sqrt(h.shape[1]) + np.asarray(layer["bias"]))
+    last = params["NTKDense_2"]
+    out = h @ np.asarray(last["kernel"]) / np.sqrt(6) + np.asarray(last["bias"])
+    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, x)), out, rtol=1e-5, atol=1e-6)
+    # every parameter N(0, s_init^2): pooled over many draws
+    draws = jax.vmap(lambda k: ravel_pytree(models.init_params(k, tmpl, jnp.float32(0.7)))[0])(
+        jax.random.split(jax.random.key(1), 400))
+    v = np.asarray(draws).ravel()
+    assert abs(v.mean()) < 4 * 0.7 / np.sqrt(v.size)
+    assert abs(v.var() / 0.49 - 1) < 4 * np.sqrt(2 / v.size)
+
+
+# ---------------------------------------------------------------------- objectives, engine
+
+
+@pytest.mark.parametrize("classification", [False, True])
+def test_student_energy_gradient_matches_the_spec_energy(classification):
+    model = models.MLP(width=5, depth=1, out=3, activation="tanh")
+    tmpl = models.param_template(model, 4)
+    w = models.init_params(jax.random.key(2), tmpl, jnp.float32(1.0))
+    w_T = models.init_params(jax.random.key(3), tmpl, jnp.float32(1.0))
+    rng = np.random.default_rng(0)
+    X = jnp.asarray(rng.normal(size=(7, 4)), jnp.float32)
+    Y = jnp.asarray(rng.integers(0, 3, 7)) if classification else jnp.asarray(rng.normal(size=(7, 3)), jnp.float32)
+    p = LangevinNumeric(20.0, 0.8, 1.0, 1e-3)
+    p_T = LangevinNumeric(30.0, 1.3, 1.0, 1e-3)
+    alpha, tau, nu_T = 0.3, 2.0, 0.4
+    f_T = model.apply({"params": w_T}, X)
+    if classification:
+        target = jax.nn.softmax(f_T / tau)
+    else:
+        target = f_T + nu_T * jnp.asarray(rng.normal(size=(7, 3)), jnp.float32)
+
+    def task(v):
+        f = model.apply({"params": v}, X)
+        if classification:
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(f), Y[:, None], 1))
+        return jnp.mean(0.5 * jnp.sum((Y - f) ** 2, 1))
+
+    def kd(v):
+        f = model.apply({"params": v}, X)
+        if classification:
+            q = jax.nn.log_softmax(f / tau)
+            return tau**2 * jnp.mean(jnp.sum(target * (jnp.log(target) - q), 1))
+        return jnp.mean(0.5 * jnp.sum((target - f) ** 2, 1))
+
+    sq = lambda v: sum(jnp.sum(a * a) for a in jax.tree_util.tree_leaves(v))
+    U_S = lambda v: p.gamma * (alpha * task(v) + (1 - alpha) * kd(v)) + sq(v) / (2 * p.prior_scale**2)
+    U_T = lambda v: p_T.gamma * task(v) + sq(v) / (2 * p_T.prior_scale**2)
+    grad = populations.student_energy_grad(model, classification, p, p_T, alpha, tau, girsanov=True)
+    g_S, diff = grad(w, (X, Y), target)
+    flat = lambda t: ravel_pytree(t)[0]
+    np.testing.assert_allclose(flat(g_S), flat(jax.grad(U_S)(w)), rtol=2e-4, atol=2e-4)
+    expect = flat(jax.grad(U_S)(w)) - flat(jax.grad(U_T)(w))
+    np.testing.assert_allclose(flat(diff), expect, rtol=2e-4, atol=2e-4)
+
+
+def test_population_engine_is_the_single_chain_euler_maruyama():
+    """The vectorised population equals particle-by-particle `langevin.run`, same keys."""
+    cfg = _cfg("mlp_regression", **{"teacher.num_steps": 5, "num_particles": 3, "num_datasets": 2})
+    run = kdsim.run_populations(cfg)
+    res = resolve(cfg)
+    teacher_model, _ = populations.mlp_models(res)
+    root = streams.root_key(cfg.seed)
+    tmpl = models.param_template(teacher_model, cfg.task.d)
+    p = jax.tree_util.tree_map(jnp.float32, res.numeric.teacher)
+    grad = populations._teacher_energy_grad(teacher_model, False, p)
+    kernel = langevin.build_kernel(lambda w, b: grad(w, b), langevin.constant_schedule(p.step_size))
+
+    @jax.jit
+    def one_chain(e, i, X, Y):
+        w0 = models.init_params(streams.particle_key(root, "teacher_init", e, i), tmpl, p.init_scale)
+        return langevin.run(kernel, streams.particle_key(root, "teacher_noise", e, i),
+                            kernel.init(w0), 0, 5, (X, Y))[0]
+
+    for e in range(2):
+        for i in range(3):
+            st = one_chain(e, i, jnp.asarray(run.data.X[e]), jnp.asarray(run.data.Y[e]))
+            got = jax.tree_util.tree_map(lambda x: x[e, i], run.populations.teacher)
+            np.testing.assert_allclose(ravel_pytree(got)[0], ravel_pytree(st.position)[0], rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------- results
+
+
+def test_columns_per_loss_and_kd_versus_scratch(result):
+    df = result.per_dataset
+    cls = result.config.task.name == "mlp_classification"
+    for col in ["gen_T", "gen_S", "gen_T_se", "gen_S_se", "klpred_convexity", "sharpness_top",
+                "sharpness_trace", "sharpness_sam", "gap_gradient", "gap_curvature", "rho",
+                "kl_girsanov", "gen_S_scratch", "test_loss_T", "test_loss_S", "test_loss_S_scratch",
+                "B0_upper", "B1_upper", "B2_lower", "B3_upper"]:
+        assert col in df, col
+    for col in ["gen_S", "test_loss_S", "gen_S_scratch", "klpred_convexity", "kl_girsanov"]:
+        assert np.all(np.isfinite(df[col])), col
+    if cls:
+        for col in ["gen_T_01", "gen_S_01", "B1_upper_01", "B3_upper_01", "test_loss_S_scratch_01"]:
+            assert col in df, col
+        assert np.all(np.isnan(df["B3_upper_01"]))
+        assert any(n.startswith("B3_upper_01: NaN: B3 is never computed from the 0-1 loss") for n in result.notes)
+        assert np.all((df["test_loss_S_01"] >= 0) & (df["test_loss_S_01"] <= 1))
+    assert "scratch" in result.meta["phase_seconds"]
+    # same architecture, same steps, step size and init: Girsanov applies, the bounds exist
+    assert np.all(np.isfinite(df["B0_upper"])) and np.all(np.isfinite(df["B1_upper"]))
+
+
+def test_bounds_hold_where_assumptions_hold(result):
+    df = result.per_dataset
+    for sfx in ["", "_01"] if result.config.task.name == "mlp_classification" else [""]:
+        for b in ["B0_upper", "B0_lower", "B1_upper", "B2_lower", "B3_upper"]:
+            held = df[f"{b}_assumption{sfx}"].to_numpy(dtype=bool, na_value=False)
+            valid = df[f"{b}_valid{sfx}"].to_numpy(dtype=bool, na_value=False)
+            assert valid[held].all(), (b + sfx, df.loc[held & ~valid])
+        assert np.all(df[f"B0_upper{sfx}"] <= df[f"B1_upper{sfx}"] + 1e-9)
+
+
+def test_zero_one_bound_with_bounded_sigma_is_never_below_the_truth():
+    res = kdsim.simulate(_cfg("mlp_classification", **{"student.model.width": 4}))
+    df = res.per_dataset
+    # a narrower student: no parameter-space KL; the flags say so, nothing is made up
+    assert np.all(np.isnan(df["B1_upper_01"]))
+    assert any("Girsanov does not apply (the student's architecture differs" in n for n in res.notes)
+    same = kdsim.simulate(_cfg("mlp_classification", **{"seed": 1}))
+    d2 = same.per_dataset
+    assert np.all(d2["sigma_B1_01"] == 1.0)
+    assert d2["B1_upper_assumption_01"].to_numpy(dtype=bool).all()
+    truth_hi = d2["gen_S_01"] - 3 * d2["gen_S_01_se"]
+    assert np.all(d2["B1_upper_01"] >= truth_hi)
+
+
+def test_scratch_can_be_switched_off():
+    res = kdsim.simulate(_cfg("mlp_regression", **{"estimators.scratch": False}))
+    assert np.all(np.isnan(res.per_dataset["gen_S_scratch"]))
+    assert "scratch" not in res.meta["phase_seconds"]
+    assert any(n.startswith("gen_S_scratch, test_loss_S_scratch: not computed") for n in res.notes)
+
+
+def test_classification_convexity_is_student_first_kl_summed_over_points():
+    cfg = _cfg("mlp_classification", **{"student.temperature": 2.0})
+    run = kdsim.run_populations(cfg)
+    from kdsim import evaluation_mlp as em
+    res = resolve(cfg)
+    tm, sm = populations.mlp_models(res)
+    X = jnp.asarray(run.data.X)
+    fT = np.asarray(jax.vmap(lambda w_e, x: jax.vmap(lambda w: tm.apply({"params": w}, x))(w_e))(
+        run.populations.teacher, X), np.float64)
+    fS = np.asarray(jax.vmap(lambda w_e, x: jax.vmap(lambda w: sm.apply({"params": w}, x))(w_e))(
+        run.populations.student, X), np.float64)
+    notes = []
+    ok = np.ones(fT.shape[:2], bool)
+    cols = em._predictive_columns(fS, fT, ok, np.ones(3, bool), res.numeric, True, notes)
+    lq = fS / 2 - np.log(np.exp(fS / 2).sum(-1, keepdims=True))
+    lp = fT / 2 - np.log(np.exp(fT / 2).sum(-1, keepdims=True))
+    direct = (np.exp(lq) * (lq - lp)).sum((-1, -2)).mean(1)
+    np.testing.assert_allclose(cols["klpred_convexity"], direct, rtol=1e-4)
+
+
+# -------------------------------------------------------------------- girsanov, sharpness
+
+
+def test_girsanov_upper_bounds_the_exact_kl_and_grows_with_steps():
+    vals = []
+    for steps in (50, 200, 800):
+        res = kdsim.simulate({"task": {"d": 3, "n": 32}, "teacher": {"num_steps": steps},
+                              "student": {"alpha": 0.3, "teacher_noise": 0.3},
+                              "num_datasets": 3, "num_particles": 128})
+        df = res.per_dataset
+        assert np.all(df["kl_girsanov"] - 3 * df["kl_girsanov_se"] >= df["kl_exact"])
+        vals.append(df["kl_girsanov"].mean())
+    assert vals[0] < vals[1] < vals[2]
+    # past the burn-in the path-space sum grows about linearly in the number of steps
+    assert 2.5 < vals[2] / vals[1] < 4.5
+
+
+def test_girsanov_refuses_where_it_does_not_bound():
+    for over, why in [({"student.rank": 2}, "rank-r student"),
+                      ({"student.langevin.step_size": 1e-4}, "step size differs"),
+                      ({"student.langevin.num_steps": 10}, "number of steps differs"),
+                      ({"student.langevin.init_scale": 0.5}, "initial law differs")]:
+        cfg = SimConfig.from_dict({"task": {"d": 3}}).replace(over)
+        res = resolve(cfg)
+        assert not res.girsanov and why in res.girsanov_reason
+        with pytest.raises(kdsim.ConfigError, match="bound_divergence = 'girsanov' does not apply"):
+            resolve(cfg.replace({"estimators.bound_divergence": "girsanov"}))
+
+
+def test_mlp_sharpness_matches_jax_hessian():
+    model = models.MLP(width=6, depth=1, out=2, activation="tanh")
+    with jax.enable_x64(True):
+        tmpl = models.param_template(model, 3, jnp.float64)
+        w = models.init_params(jax.random.key(0), tmpl, jnp.float64(1.0))
+        rng = np.random.default_rng(1)
+        X = jnp.asarray(rng.normal(size=(20, 3)))
+        Y = jnp.asarray(rng.normal(size=(20, 2)))
+        risk, _ = populations.mlp_objectives(model, False)
+        f = lambda v: risk(v, X, Y)
+        flat, unravel = ravel_pytree(w)
+        H = np.asarray(jax.hessian(lambda u: f(unravel(u)))(flat))
+        ev = np.linalg.eigvalsh(H)
+        top = float(sharpness.top_eigenvalue(f, w, jax.random.key(1), 600))
+        assert top == pytest.approx(ev[-1], rel=1e-4)
+        tr, se = (float(x) for x in sharpness.hutchinson_trace(f, w, jax.random.key(2), 500))
+        assert abs(tr - np.trace(H)) < bonferroni_z(1) * se
+
+
+def test_laplace_is_nan_when_particles_do_not_exceed_dimension(result):
+    assert np.all(np.isnan(result.per_dataset["sharpness_laplace_top"]))
+    assert any("needs more particles (16) than parameters" in n for n in result.notes)
+
+
+def test_self_distillation_and_compression_run_at_the_issue_scale_shape():
+    """Width-64 teacher with width-8 and width-64 students, 16 datasets x 64 particles
+    (few steps here; the full-length run is the README's timing)."""
+    for width in (8, 64):
+        res = kdsim.simulate({"task": {"name": "mlp_regression", "n_test": 512},
+                              "teacher": {"num_steps": 10}, "student": {"model": {"width": width}},
+                              "num_datasets": 16, "num_particles": 64})
+        assert len(res.per_dataset) == 16
+        assert np.isfinite(res.per_dataset["gen_S"]).all()
+        assert np.isfinite(res.per_dataset["kl_girsanov"]).all() == (width == 64)
+    assert math.isfinite(res.summary.loc["gen_S", "mean"])
