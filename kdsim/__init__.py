@@ -23,6 +23,7 @@ from .config import (
 from .io import ResultFileError, load_result
 from .result import Result
 from .simulate import run_populations, simulate
+from .sweep import SweepError, load_sweep, sweep
 
 __all__ = [
     "ConfigError",
@@ -32,11 +33,14 @@ __all__ = [
     "Result",
     "ResultFileError",
     "SimConfig",
+    "SweepError",
     "StudentConfig",
     "TaskConfig",
     "TeacherConfig",
     "load_config",
     "load_result",
+    "load_sweep",
     "run_populations",
     "simulate",
+    "sweep",
 ]

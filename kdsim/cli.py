@@ -9,9 +9,16 @@ import textwrap
 
 EXAMPLES = textwrap.dedent("""\
     examples:
-      kdsim run                                  # the default linear Gaussian simulation
+      kdsim run                                   # the default linear Gaussian simulation
       kdsim run configs/linear_rank.toml --out runs/rank
-      kdsim plot runs/rank                       # figures written inside the folder
+      kdsim sweep configs/sweep_n.toml --out runs/sweep_n   # rerun to resume after a kill
+      kdsim plot runs/rank                        # PNGs written inside the folder
+      kdsim bench                                 # the quick throughput benchmark
+
+    A config (TOML) names only the fields it changes; a sweep file has a [base] table
+    (a config) and a [grid] table mapping dotted field names to lists, e.g.
+      [grid]
+      "task.n" = [16, 64, 256]
     """)
 
 
@@ -26,29 +33,41 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("config", nargs="?", help="TOML config (omit for all defaults)")
     run.add_argument("--out", default="runs/default", help="output folder (default: runs/default)")
     run.add_argument("--no-plot", action="store_true", help="skip the figure")
-    plot = sub.add_parser("plot", help="draw the figures of a run folder")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    sw = sub.add_parser("sweep", help="run a sweep (resumable) from a TOML sweep file",
+                        description="Run every point of a sweep file's [grid] over its [base] "
+                        "config; finished points are stored the moment they finish and never "
+                        "recomputed: rerun the same command to resume.")
+    sw.add_argument("sweep_file")
+    sw.add_argument("--out", required=True, help="the sweep's store folder")
+    sw.add_argument("--no-plot", action="store_true")
+    sw.add_argument("--no-progress", action="store_true")
+    plot = sub.add_parser("plot", help="draw the figures of a run or sweep folder")
     plot.add_argument("folder")
+    bench = sub.add_parser("bench", help="the quick throughput benchmark (see benchmarks/)")
+    bench.add_argument("args", nargs=argparse.REMAINDER,
+                       help="passed on to benchmarks/throughput.py (default: --quick)")
     return p
 
 
-def _print_summary(res) -> None:
+def _print_table(df) -> None:
     import pandas as pd
-    with pd.option_context("display.width", 120, "display.max_columns", 10,
+    with pd.option_context("display.width", 120, "display.max_columns", 12,
                            "display.float_format", lambda x: f"{x:.4g}"):
-        print(res.table())
-    if res.notes:
-        print("\nnotes:")
-        for note in res.notes:
-            print(f"  - {note}")
+        print(df)
 
 
 def _cmd_run(args) -> int:
     from . import simulate
     from .config import SimConfig, load_config
     cfg = load_config(args.config) if args.config else SimConfig()
-    res = simulate(cfg)
+    res = simulate(cfg, progress=False if args.no_progress else None)
     res.save(args.out)
-    _print_summary(res)
+    _print_table(res.table())
+    if res.notes:
+        print("\nnotes:")
+        for note in res.notes:
+            print(f"  - {note}")
     meta = res.meta
     print(f"\n{meta['particle_steps']:.3g} particle-steps in {meta['engine_seconds']:.1f} s "
           f"(total {meta['total_seconds']:.1f} s); result saved in {args.out}/")
@@ -59,27 +78,64 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    from .sweep import load_sweep_file, sweep
+    base, grid = load_sweep_file(args.sweep_file)
+    table = sweep(base, grid, out=args.out, progress=False if args.no_progress else None)
+    fields = list(grid)
+    cols = [c for c in ("gen_S", "gen_S_exact", "B0_upper", "B1_upper") if c in table]
+    _print_table(table.groupby(fields)[cols].mean())
+    print(f"\n{table['point'].nunique()} points x {table['dataset'].nunique()} datasets; "
+          f"stored in {args.out}/")
+    if not args.no_plot:
+        from .plots import plot_sweep
+        for path in plot_sweep(table, args.out):
+            print(f"plot written to {path}")
+    return 0
+
+
 def _cmd_plot(args) -> int:
-    from .io import load_result
-    res = load_result(args.folder)
-    png = os.path.join(args.folder, "overview.png")
-    res.plot(png)
-    print(f"plot written to {png}")
+    from .sweep import MANIFEST, load_sweep
+    if os.path.exists(os.path.join(args.folder, MANIFEST)):
+        from .plots import plot_sweep
+        paths = plot_sweep(load_sweep(args.folder), args.folder)
+    else:
+        from .io import load_result
+        paths = [os.path.join(args.folder, "overview.png")]
+        load_result(args.folder).plot(paths[0])
+    for path in paths:
+        print(f"plot written to {path}")
+    return 0
+
+
+def _cmd_bench(args) -> int:
+    import runpy
+    here = os.path.dirname(os.path.abspath(__file__))
+    script = os.path.join(os.path.dirname(here), "benchmarks", "throughput.py")
+    if not os.path.exists(script):
+        raise FileNotFoundError(f"benchmark script not found: {script} (kdsim bench runs "
+                                "from a source checkout)")
+    sys.argv = [script] + (args.args or ["--quick"])
+    runpy.run_path(script, run_name="__main__")
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .io import ResultFileError
-    args = _parser().parse_args(argv)
+    from .sweep import SweepError
+    parser = _parser()
+    args = parser.parse_args(argv)
     if args.command is None:
-        _parser().print_help()
+        parser.print_help()
         return 2
+    commands = {"run": _cmd_run, "sweep": _cmd_sweep, "plot": _cmd_plot, "bench": _cmd_bench}
     try:
-        return {"run": _cmd_run, "plot": _cmd_plot}[args.command](args)
-    except (ConfigError, ResultFileError, OSError) as err:
+        return commands[args.command](args)
+    except (ConfigError, ResultFileError, SweepError, OSError) as err:
         print(f"kdsim: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("kdsim: interrupted", file=sys.stderr)
+        print("kdsim: interrupted (finished sweep points are kept; rerun to resume)",
+              file=sys.stderr)
         return 130

@@ -24,6 +24,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import streams
 
@@ -61,12 +62,16 @@ def constant_schedule(step_size: jax.Array) -> Schedule:
 def gaussian_like(key: jax.Array, tree: PyTree) -> PyTree:
     """Standard normal draws with the structure, shapes and dtypes of ``tree``.
 
-    A single array uses ``key`` itself; leaf ``i`` of a larger pytree uses
-    ``fold_in(key, i)``.
+    One flat draw of ``sum(leaf sizes)`` numbers from ``key``, split into the leaves in
+    tree order: one random-number call per particle and step whatever the model, which
+    is also what keeps a vmapped ensemble fast to compile.
     """
     leaves, treedef = jax.tree_util.tree_flatten(tree)
-    keys = [key] if len(leaves) == 1 else [jax.random.fold_in(key, i) for i in range(len(leaves))]
-    draws = [streams.normal(kk, jnp.shape(x), jnp.result_type(x)) for kk, x in zip(keys, leaves)]
+    sizes = [int(np.prod(jnp.shape(x))) for x in leaves]
+    flat = streams.normal(key, (sum(sizes),), jnp.result_type(*leaves))
+    offsets = np.cumsum([0] + sizes)
+    draws = [flat[a:b].reshape(jnp.shape(x)).astype(jnp.result_type(x))
+             for a, b, x in zip(offsets[:-1], offsets[1:], leaves)]
     return jax.tree_util.tree_unflatten(treedef, draws)
 
 
@@ -134,7 +139,7 @@ def run(kernel: LangevinKernel, key: jax.Array, state: LangevinState, start: int
             acc = accumulate(acc, st, info)
         return (new, acc), None
 
-    ts = jnp.arange(start, start + num_steps, dtype=jnp.int32)
+    ts = jnp.asarray(start, jnp.int32) + jnp.arange(num_steps, dtype=jnp.int32)
     (state, acc), _ = jax.lax.scan(body, (state, acc_init), ts)
     return state, acc
 
@@ -180,6 +185,6 @@ def run_population(kernel: LangevinKernel, keys: jax.Array, state: LangevinState
             acc = acc_fn(acc, st, info, batch, particle_batch)
         return (new, acc), None
 
-    ts = jnp.arange(start, start + num_steps, dtype=jnp.int32)
+    ts = jnp.asarray(start, jnp.int32) + jnp.arange(num_steps, dtype=jnp.int32)
     (state, acc), _ = jax.lax.scan(body, (state, acc_init), ts)
     return state, acc

@@ -206,3 +206,74 @@ def plot_result(result: "Result", path: str | os.PathLike[str] | None = None):
         fig.savefig(path, dpi=110)
         plt.close(fig)
     return fig
+
+
+def _mean_ci(sub, col, by):
+    g = sub.groupby(by)[col]
+    mean = g.mean()
+    se = g.std(ddof=1) / np.sqrt(g.count())
+    return mean.index.to_numpy(), mean.to_numpy(float), (Z95 * se).to_numpy(float)
+
+
+def _is_numeric(values) -> bool:
+    try:
+        np.asarray(values, float)
+        return True
+    except (TypeError, ValueError):
+        return False
+
+
+def plot_sweep(table, out_dir: str | os.PathLike[str], max_panels: int = 6) -> list[str]:
+    """For each swept field: the true student gap (95% CI band over datasets) and every
+    bound, averaged over datasets, against the field's values; one panel per combination
+    of the other swept fields. Writes ``sweep_<field>.png`` into ``out_dir``; returns paths."""
+    plt = _pyplot()
+    cols = list(table.columns)
+    fields = cols[: cols.index("point")]
+    paths = []
+    for f in fields:
+        others = [g for g in fields if g != f]
+        groups = list(table.groupby(others)) if others else [((), table)]
+        groups = groups[:max_panels]
+        fig, axes = plt.subplots(1, len(groups), figsize=(5.2 * len(groups), 4.2),
+                                 constrained_layout=True, squeeze=False)
+        for ax, (key, sub) in zip(axes[0], groups):
+            prefix = bound_space(sub)
+            gen = "gen_S_F" if prefix else "gen_S"
+            truth = gen + "_exact" if gen + "_exact" in sub else gen
+            x, m, ci = _mean_ci(sub, truth, f)
+            numeric = _is_numeric(x)
+            xs = np.asarray(x, float) if numeric else np.arange(len(x))
+            ax.plot(xs, m, "k-s", label=rf"true ${'gen^F_S' if prefix else 'gen_S'}$")
+            ax.fill_between(xs, m - ci, m + ci, color="0.8", zorder=0)
+            for name, (label, marker, color) in BOUND_STYLE.items():
+                col = prefix + name
+                if col not in sub or not np.isfinite(sub[col].to_numpy(float)).any():
+                    continue
+                _, mb, cb = _mean_ci(sub, col, f)
+                ax.plot(xs, mb, "-" + marker, color=color, mfc="none" if "lower" in name else color,
+                        label=("F-" if prefix else "") + label)
+                ax.fill_between(xs, mb - cb, mb + cb, color=color, alpha=0.12)
+            if not numeric:
+                ax.set_xticks(xs, [str(v) for v in x])
+            elif np.all(xs > 0) and xs.max() / xs.min() >= 10:
+                ax.set_xscale("log")
+                ax.set_xticks(xs, [f"{v:g}" for v in xs])
+                ax.minorticks_off()
+            ys = np.concatenate([line.get_ydata() for line in ax.get_lines()])
+            ys = ys[np.isfinite(ys)]
+            if ys.size and np.all(ys > 0) and ys.max() / ys.min() >= 30:
+                ax.set_yscale("log")
+            elif ys.size and ys.max() > 30 * max(np.median(np.abs(m)), 1e-12):
+                ax.set_yscale("symlog", linthresh=max(np.median(np.abs(m)), 1e-12))
+            ax.set_xlabel(f)
+            ax.set_ylabel("gap / bound (dataset mean, 95% CI)")
+            title = ", ".join(f"{o}={v}" for o, v in zip(others, key if isinstance(key, tuple) else (key,)))
+            ax.set_title(title or f"bounds vs {f}", fontsize=9)
+            ax.legend(fontsize=7)
+        fig.suptitle(f"kdsim sweep: bounds and true gap against {f}")
+        path = os.path.join(os.fspath(out_dir), f"sweep_{f}.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths

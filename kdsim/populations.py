@@ -31,6 +31,7 @@ import numpy as np
 
 from . import langevin, models, streams
 from .config import LangevinNumeric, Resolved
+from .progress import NullProgress, Progress, segments
 from .tasks import linear_gaussian as lg
 from .tasks import mlp as mlp_task
 
@@ -72,33 +73,46 @@ def _sq_norm(tree) -> jax.Array:
     return sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(tree))
 
 
-def train(p: LangevinNumeric, grad_energy: Callable, w0, keys_noise: jax.Array, num_steps: int,
-          data: Any, targets: Any = None, girsanov: bool = False):
-    """Langevin-train a population from ``w0`` (leading axes ``(E, P)``).
+def _segment(p: LangevinNumeric, grad_energy: Callable, state, acc, keys_noise: jax.Array,
+             start, num_steps: int, data: Any, targets: Any = None, girsanov: bool = False):
+    """Advance a population (leading axes ``(E, P)``) over global steps ``start ..``.
 
     Args:
       grad_energy: ``(w, data_e, target_i) -> grad U(w)`` for one particle; with
         ``girsanov``, ``-> (grad U(w), grad U(w) - grad U_T(w))`` and the path-space bound
-        ``sum_t (h_t/4) ||grad U(w_t) - grad U_T(w_t)||^2`` is accumulated along each run.
+        ``sum_t (h_t/4) ||grad U(w_t) - grad U_T(w_t)||^2`` is accumulated into ``acc``.
       data: per-dataset pytree (leading axis E); targets: per-particle pytree
         (leading axes ``(E, P)``) or None.
     Returns:
-      ``(final LangevinState, (E, P) Girsanov sums or None)``.
+      ``(LangevinState, acc)``.
     """
     kernel = langevin.build_kernel(lambda w, b: grad_energy(w, b[0], b[1]),
                                    langevin.constant_schedule(p.step_size), has_aux=girsanov)
-    state = jax.vmap(jax.vmap(kernel.init))(w0)
     if not girsanov:
-        state, _ = langevin.run_population(kernel, keys_noise, state, 0, num_steps,
+        state, _ = langevin.run_population(kernel, keys_noise, state, start, num_steps,
                                            batch=data, particle_batch=targets)
-        return state, None
+        return state, acc
 
     def accumulate(acc, pre, info, batch):
         return acc + 0.25 * info.step_size * _sq_norm(info.aux)
 
-    acc0 = jnp.zeros(keys_noise.shape, jax.tree_util.tree_leaves(w0)[0].dtype)
-    return langevin.run_population(kernel, keys_noise, state, 0, num_steps, batch=data,
-                                   particle_batch=targets, accumulate=accumulate, acc_init=acc0)
+    return langevin.run_population(kernel, keys_noise, state, start, num_steps, batch=data,
+                                   particle_batch=targets, accumulate=accumulate, acc_init=acc)
+
+
+def _initial_state(w0) -> langevin.LangevinState:
+    E, P = jax.tree_util.tree_leaves(w0)[0].shape[:2]
+    return langevin.LangevinState(w0, jnp.zeros((E, P), bool), jnp.full((E, P), -1, jnp.int32))
+
+
+def _advance(segment_fn, state, acc, total_steps: int, progress: Progress, phase: str, **kw):
+    """The host loop over jitted scan segments (progress is reported between them)."""
+    for start, length in segments(total_steps):
+        state, acc = segment_fn(state, acc, jnp.int32(start), num_steps=length, **kw)
+        if progress.bar is not None:
+            jax.block_until_ready(state.position)
+            progress.update(length, phase)
+    return state, acc
 
 
 def _keys(root, name, datasets, particles):
@@ -121,40 +135,41 @@ def _linear_grad(p: LangevinNumeric):
     return grad
 
 
-@partial(jax.jit, static_argnames=("num_steps",))
-def _linear_teachers(root, datasets, particles, Cxx, Cyx, p: LangevinNumeric, *, num_steps: int):
-    w0 = p.init_scale * _normals(_keys(root, "teacher_init", datasets, particles),
-                                 Cyx.shape[-2:], Cxx.dtype)
-    state, _ = train(p, _linear_grad(p), w0, _keys(root, "teacher_noise", datasets, particles),
-                     num_steps, (Cxx, Cyx))
-    return state
+@partial(jax.jit, static_argnames=("shape", "init_stream", "noise_stream"))
+def _linear_init(root, datasets, particles, init_scale, like, *, shape, init_stream, noise_stream):
+    """Initial states ``N(0, s_init^2)`` of shape ``(E, P) + shape`` and the noise keys."""
+    w0 = init_scale * _normals(_keys(root, init_stream, datasets, particles), shape, like.dtype)
+    return _initial_state(w0), _keys(root, noise_stream, datasets, particles)
 
 
-@partial(jax.jit, static_argnames=("num_steps", "girsanov"))
-def _linear_students(root, datasets, particles, teacher, Cp, CyxPi, CxxPi, NoisePi, Cxx, Cyx,
-                     p: LangevinNumeric, p_T: LangevinNumeric, alpha, teacher_noise, *,
-                     num_steps: int, girsanov: bool):
-    """Students in their own coordinates V (k x r); per-dataset matrices are
-    ``Cp = Pi^T Cxx Pi``, ``CyxPi = Cyx Pi``, ``CxxPi = Cxx Pi``,
-    ``NoisePi = Cxx^{1/2} Pi / sqrt(n)``. With ``girsanov`` (full student, Pi = I) the
-    teacher's energy gradient ``gamma_T (W Cxx - Cyx) + W / s0_T^2`` is compared along the run."""
-    k, r = CyxPi.shape[-2:]
-    d = CxxPi.shape[-2]
-    z = _normals(_keys(root, "soft_label", datasets, particles), (k, d), Cp.dtype)
-    # the distillation target of each student, frozen for its whole run: (E, P, k, r)
-    B = alpha * CyxPi[:, None] + (1 - alpha) * (
+@jax.jit
+def _linear_targets(root, datasets, particles, teacher, CyxPi, CxxPi, NoisePi, alpha, teacher_noise):
+    """Each student's distillation target, frozen for its whole run: ``(E, P, k, r)``.
+
+    Per-dataset matrices: ``CyxPi = Cyx Pi``, ``CxxPi = Cxx Pi``, ``NoisePi = Cxx^{1/2} Pi / sqrt(n)``."""
+    k, d = CyxPi.shape[-2], CxxPi.shape[-2]
+    z = _normals(_keys(root, "soft_label", datasets, particles), (k, d), CxxPi.dtype)
+    return alpha * CyxPi[:, None] + (1 - alpha) * (
         jnp.einsum("epkd,edr->epkr", teacher, CxxPi, precision=HIGHEST)
         + teacher_noise * jnp.einsum("epkd,edr->epkr", z, NoisePi, precision=HIGHEST))
-    w0 = p.init_scale * _normals(_keys(root, "student_init", datasets, particles), (k, r), Cp.dtype)
+
+
+@partial(jax.jit, static_argnames=("num_steps", "shared_B", "girsanov"))
+def _linear_segment(state, acc, start, keys_noise, C, B, Cxx, Cyx, p: LangevinNumeric,
+                    p_T: LangevinNumeric, *, num_steps: int, shared_B: bool, girsanov: bool):
+    """Teachers (``shared_B``: B = Cyx per dataset) or students (B per particle, in their
+    own coordinates V). With ``girsanov`` (full student, Pi = I) the teacher's energy
+    gradient ``gamma_T (W Cxx - Cyx) + W / s0_T^2`` is compared along the run."""
     grad = _linear_grad(p)
+    energy = grad
     if girsanov:
-        def grad_and_diff(w, data, target):
+        def energy(w, data, target):
             g = grad(w, data, target)
             g_T = p_T.gamma * lg.quadratic_grad(w, data[2], data[3]) + w / p_T.prior_scale**2
             return g, g - g_T
-    return train(p, grad_and_diff if girsanov else grad, w0,
-                 _keys(root, "student_noise", datasets, particles), num_steps,
-                 (Cp, None, Cxx, Cyx), B, girsanov)
+    data = (C, B if shared_B else None, Cxx, Cyx)
+    return _segment(p, energy, state, acc, keys_noise, start, num_steps, data,
+                    None if shared_B else B, girsanov)
 
 
 def symmetric_sqrt(C: np.ndarray) -> np.ndarray:
@@ -164,42 +179,63 @@ def symmetric_sqrt(C: np.ndarray) -> np.ndarray:
 
 
 def run_linear(root: jax.Array, res: Resolved, data: lg.LinearData, datasets: np.ndarray,
-               particles: np.ndarray) -> Populations:
+               particles: np.ndarray, progress: Progress | None = None) -> Populations:
     """Train the teacher, student (and scratch student) populations of the linear task.
 
     Args:
       root: the run's root key.
       datasets: ``(E,)`` global dataset indices (rows of ``data``).
       particles: ``(P,)`` global particle indices.
+      progress: host-side progress reporting (between scan segments).
     """
     static, numeric = res.static, res.numeric
+    progress = progress or NullProgress()
     dtype = jnp.dtype(static.dtype)
+    k, d, r = static.k, static.d, static.rank
     seconds = {}
     with jax.enable_x64(static.dtype == "float64"):
         ds = jnp.asarray(datasets, jnp.uint32)
         ps = jnp.asarray(particles, jnp.uint32)
         Cxx, Cyx = _cast(data.Cxx, dtype), _cast(data.Cyx, dtype)
+        p_T, p_S = _cast(numeric.teacher, dtype), _cast(numeric.student, dtype)
         t0 = time.perf_counter()
-        teachers = _linear_teachers(root, ds, ps, Cxx, Cyx, _cast(numeric.teacher, dtype),
-                                    num_steps=static.teacher_steps)
+        state, keys = _linear_init(root, ds, ps, p_T.init_scale, Cxx, shape=(k, d),
+                                   init_stream="teacher_init", noise_stream="teacher_noise")
+        teachers, _ = _advance(_linear_segment, state, None, static.teacher_steps, progress,
+                               "teacher", keys_noise=keys, C=Cxx, B=Cyx, Cxx=Cxx, Cyx=Cyx, p=p_T,
+                               p_T=p_T, shared_B=True, girsanov=False)
         teacher_w = np.asarray(teachers.position)
         seconds["teacher"] = time.perf_counter() - t0
         Pi, PiT = data.Pi, np.swapaxes(data.Pi, -1, -2)
-        per_dataset = _cast((PiT @ data.Cxx @ Pi, data.Cyx @ Pi, data.Cxx @ Pi,
-                             symmetric_sqrt(data.Cxx) @ Pi / np.sqrt(static.n)), dtype)
-        common = (root, ds, ps, teachers.position, *per_dataset, Cxx, Cyx,
-                  _cast(numeric.student, dtype), _cast(numeric.teacher, dtype))
+        Cp, CyxPi, CxxPi, NoisePi = _cast((PiT @ data.Cxx @ Pi, data.Cyx @ Pi, data.Cxx @ Pi,
+                                           symmetric_sqrt(data.Cxx) @ Pi / np.sqrt(static.n)), dtype)
+
+        def student(alpha, teacher_noise, girsanov, phase):
+            B = _linear_targets(root, ds, ps, teachers.position, CyxPi, CxxPi, NoisePi,
+                                _cast(alpha, dtype), _cast(teacher_noise, dtype))
+            state, keys = _linear_init(root, ds, ps, p_S.init_scale, Cp, shape=(k, r),
+                                       init_stream="student_init", noise_stream="student_noise")
+            acc = jnp.zeros((len(datasets), len(particles)), dtype) if girsanov else None
+            return _advance(_linear_segment, state, acc, static.student_steps, progress, phase,
+                            keys_noise=keys, C=Cp, B=B, Cxx=Cxx, Cyx=Cyx, p=p_S, p_T=p_T,
+                            shared_B=False, girsanov=girsanov)
+
+        # The linear accumulator is cheap, so a full student always carries it (a static
+        # property of the shapes): whether Girsanov applies depends on numeric fields
+        # (step sizes, initial scales), and flipping it must not recompile.
+        accumulate = static.full_student
         t0 = time.perf_counter()
-        students, girsanov = _linear_students(
-            *common, _cast(numeric.alpha, dtype), _cast(numeric.teacher_noise, dtype),
-            num_steps=static.student_steps, girsanov=res.girsanov)
+        students, girsanov = student(numeric.alpha, numeric.teacher_noise, accumulate, "student")
+        if not res.girsanov:
+            girsanov = None
         student_v = np.asarray(students.position)
         seconds["student"] = time.perf_counter() - t0
         scratch_w, div_scratch = None, np.zeros(teacher_w.shape[:2], bool)
         if res.scratch:
             t0 = time.perf_counter()
-            scratch, _ = _linear_students(*common, _cast(1.0, dtype), _cast(0.0, dtype),
-                                          num_steps=static.student_steps, girsanov=False)
+            # same static flags as the KD student (its Girsanov sum is discarded): one
+            # compiled program serves both runs
+            scratch, _ = student(1.0, 0.0, accumulate, "scratch")
             scratch_w = np.einsum("epkr,edr->epkd", np.asarray(scratch.position, np.float64),
                                   data.Pi)
             div_scratch = np.asarray(scratch.diverged)
@@ -255,11 +291,15 @@ def prediction_losses(classification: bool):
     return task_loss, kd_loss
 
 
-def _mlp_init(root, name, datasets, particles, template, scale):
-    keys = _keys(root, name, datasets, particles)
+@partial(jax.jit, static_argnames=("model", "init_stream", "noise_stream"))
+def _mlp_init(root, datasets, particles, init_scale, X, *, model, init_stream, noise_stream):
+    """Initial parameter pytrees ``N(0, s_init^2)`` (leaves ``(E, P, ...)``) and noise keys."""
+    template = models.param_template(model, X.shape[-1], X.dtype)
+    keys = _keys(root, init_stream, datasets, particles)
     E, P = keys.shape
-    flat = jax.vmap(lambda k: models.init_params(k, template, scale))(keys.reshape(-1))
-    return jax.tree_util.tree_map(lambda x: x.reshape((E, P) + x.shape[1:]), flat)
+    flat = jax.vmap(lambda k: models.init_params(k, template, init_scale))(keys.reshape(-1))
+    w0 = jax.tree_util.tree_map(lambda x: x.reshape((E, P) + x.shape[1:]), flat)
+    return _initial_state(w0), _keys(root, noise_stream, datasets, particles)
 
 
 def _teacher_energy_grad(model, classification, p: LangevinNumeric):
@@ -303,39 +343,36 @@ def student_energy_grad(model, classification: bool, p: LangevinNumeric, p_T: La
     return grad
 
 
-@partial(jax.jit, static_argnames=("model", "classification", "num_steps"))
-def _mlp_teachers(root, datasets, particles, X, Y, p: LangevinNumeric, *, model, classification,
-                  num_steps: int):
-    template = models.param_template(model, X.shape[-1], X.dtype)
-    w0 = _mlp_init(root, "teacher_init", datasets, particles, template, p.init_scale)
-    state, _ = train(p, _teacher_energy_grad(model, classification, p), w0,
-                     _keys(root, "teacher_noise", datasets, particles), num_steps, (X, Y))
-    return state
-
-
-@partial(jax.jit, static_argnames=("teacher_model", "model", "classification", "num_steps",
-                                   "girsanov"))
-def _mlp_students(root, datasets, particles, teacher, X, Y, p: LangevinNumeric,
-                  p_T: LangevinNumeric, alpha, teacher_noise, tau, *, teacher_model, model,
-                  classification, num_steps: int, girsanov: bool):
+@partial(jax.jit, static_argnames=("teacher_model", "classification"))
+def _mlp_targets(root, datasets, particles, teacher, X, teacher_noise, tau, *, teacher_model,
+                 classification):
+    """Per-student targets ``(E, P, n, out)``: tempered teacher probabilities
+    (classification) or soft labels ``f_T(x) + nu_T e`` (regression)."""
     f_T = jax.vmap(lambda w_e, X_e: jax.vmap(lambda w: teacher_model.apply({"params": w}, X_e))(w_e))(
-        teacher, X)                                                     # (E, P, n, out)
+        teacher, X)
     if classification:
-        target = jax.nn.softmax(f_T / tau, axis=-1)
+        return jax.nn.softmax(f_T / tau, axis=-1)
+    e = _normals(_keys(root, "soft_label", datasets, particles), f_T.shape[2:], f_T.dtype)
+    return f_T + teacher_noise * e
+
+
+@partial(jax.jit, static_argnames=("model", "classification", "num_steps", "girsanov"))
+def _mlp_segment(state, acc, start, keys_noise, X, Y, target, p: LangevinNumeric,
+                 p_T: LangevinNumeric, alpha, tau, *, model, classification, num_steps: int,
+                 girsanov: bool):
+    """Teachers (``target`` None) or students of an MLP task over one segment of steps."""
+    if target is None:
+        grad = _teacher_energy_grad(model, classification, p)
     else:
-        e = _normals(_keys(root, "soft_label", datasets, particles), f_T.shape[2:], f_T.dtype)
-        target = f_T + teacher_noise * e
-    grad = student_energy_grad(model, classification, p, p_T, alpha, tau, girsanov)
-    template = models.param_template(model, X.shape[-1], X.dtype)
-    w0 = _mlp_init(root, "student_init", datasets, particles, template, p.init_scale)
-    return train(p, grad, w0, _keys(root, "student_noise", datasets, particles), num_steps,
-                 (X, Y), target, girsanov)
+        grad = student_energy_grad(model, classification, p, p_T, alpha, tau, girsanov)
+    return _segment(p, grad, state, acc, keys_noise, start, num_steps, (X, Y), target, girsanov)
 
 
 def run_mlp(root: jax.Array, res: Resolved, data: mlp_task.MLPData, datasets: np.ndarray,
-            particles: np.ndarray) -> Populations:
+            particles: np.ndarray, progress: Progress | None = None) -> Populations:
     """Train teacher, student (and scratch student) MLP populations."""
     st, nm = res.static, res.numeric
+    progress = progress or NullProgress()
     dtype = jnp.dtype(st.dtype)
     classification = st.task == "mlp_classification"
     teacher_model, student_model = mlp_models(res)
@@ -345,26 +382,37 @@ def run_mlp(root: jax.Array, res: Resolved, data: mlp_task.MLPData, datasets: np
         ps = jnp.asarray(particles, jnp.uint32)
         X = _cast(data.X, dtype)
         Y = jnp.asarray(data.Y) if classification else _cast(data.Y, dtype)
+        p_T, p_S = _cast(nm.teacher, dtype), _cast(nm.student, dtype)
+        tau = _cast(nm.temperature, dtype)
+        common = dict(X=X, Y=Y, p_T=p_T, tau=tau, classification=classification)
         t0 = time.perf_counter()
-        teachers = _mlp_teachers(root, ds, ps, X, Y, _cast(nm.teacher, dtype), model=teacher_model,
-                                 classification=classification, num_steps=st.teacher_steps)
+        state, keys = _mlp_init(root, ds, ps, p_T.init_scale, X, model=teacher_model,
+                                init_stream="teacher_init", noise_stream="teacher_noise")
+        teachers, _ = _advance(_mlp_segment, state, None, st.teacher_steps, progress, "teacher",
+                               keys_noise=keys, target=None, p=p_T, alpha=_cast(1.0, dtype),
+                               model=teacher_model, girsanov=False, **common)
         jax.block_until_ready(teachers)
         seconds["teacher"] = time.perf_counter() - t0
-        common = (root, ds, ps, teachers.position, X, Y, _cast(nm.student, dtype),
-                  _cast(nm.teacher, dtype))
-        static_kw = dict(teacher_model=teacher_model, model=student_model,
-                         classification=classification, num_steps=st.student_steps)
+
+        def student(alpha, teacher_noise, girsanov, phase):
+            target = _mlp_targets(root, ds, ps, teachers.position, X, _cast(teacher_noise, dtype),
+                                  tau, teacher_model=teacher_model, classification=classification)
+            state, keys = _mlp_init(root, ds, ps, p_S.init_scale, X, model=student_model,
+                                    init_stream="student_init", noise_stream="student_noise")
+            acc = jnp.zeros((len(datasets), len(particles)), dtype) if girsanov else None
+            out = _advance(_mlp_segment, state, acc, st.student_steps, progress, phase,
+                           keys_noise=keys, target=target, p=p_S, alpha=_cast(alpha, dtype),
+                           model=student_model, girsanov=girsanov, **common)
+            jax.block_until_ready(out[0])
+            return out
+
         t0 = time.perf_counter()
-        students, girsanov = _mlp_students(
-            *common, _cast(nm.alpha, dtype), _cast(nm.teacher_noise, dtype),
-            _cast(nm.temperature, dtype), girsanov=res.girsanov, **static_kw)
-        jax.block_until_ready(students)
+        students, girsanov = student(nm.alpha, nm.teacher_noise, res.girsanov, "student")
         seconds["student"] = time.perf_counter() - t0
         scratch, div_scratch = None, np.zeros((len(datasets), len(particles)), bool)
         if res.scratch:
             t0 = time.perf_counter()
-            sc, _ = _mlp_students(*common, _cast(1.0, dtype), _cast(0.0, dtype),
-                                  _cast(nm.temperature, dtype), girsanov=False, **static_kw)
+            sc, _ = student(1.0, 0.0, False, "scratch")
             scratch = jax.tree_util.tree_map(np.asarray, sc.position)
             div_scratch = np.asarray(sc.diverged)
             seconds["scratch"] = time.perf_counter() - t0

@@ -16,6 +16,8 @@ from . import populations, streams
 from .config import ConfigError, Resolved, SimConfig, resolve
 from .evaluation import linear_columns
 from .evaluation_mlp import mlp_columns
+from .progress import Progress
+from .progress import enabled as progress_enabled
 from .result import Result, summarize
 from .tasks import linear_gaussian as lg
 from .tasks import mlp as mlp_task
@@ -42,13 +44,21 @@ def _as_config(config: SimConfig | Mapping[str, Any]) -> SimConfig:
     raise ConfigError(f"config must be a SimConfig or a mapping, got {type(config).__name__}")
 
 
-def run_populations(config: SimConfig | Mapping[str, Any]) -> Run:
+def run_populations(config: SimConfig | Mapping[str, Any], progress: bool | None = None) -> Run:
     """Draw the datasets and train the teacher and student populations (no estimation).
 
-    For notebooks and tests that need the particles themselves.
+    For notebooks and tests that need the particles themselves. ``progress``: show a
+    progress bar (default: on a terminal, off when ``CI`` is set).
     """
     cfg = _as_config(config)
     res = resolve(cfg)
+    st, nm = res.static, res.numeric
+    steps = st.teacher_steps + st.student_steps * (2 if res.scratch else 1)
+    with Progress(steps, "kdsim run", enabled=progress_enabled(progress)) as bar:
+        return _run(cfg, res, bar)
+
+
+def _run(cfg: SimConfig, res: Resolved, bar: Progress) -> Run:
     st, nm = res.static, res.numeric
     root = streams.root_key(cfg.seed)
     datasets = np.arange(st.num_datasets)
@@ -59,28 +69,30 @@ def run_populations(config: SimConfig | Mapping[str, Any]) -> Run:
                             full_student=st.full_student, noise=nm.noise,
                             input_scale=nm.input_scale, input_decay=nm.input_decay,
                             signal_decay=nm.signal_decay)
-        pops = populations.run_linear(root, res, data, datasets, particles)
+        pops = populations.run_linear(root, res, data, datasets, particles, bar)
     else:
         classification = st.task == "mlp_classification"
         data = mlp_task.make_data(
             root, datasets, n=st.n, d=st.d, out=st.num_classes if classification else st.k,
             n_test=st.n_test, planted_width=st.planted_width, planted_scale=nm.planted_scale,
             noise=nm.noise, classification=classification)
-        pops = populations.run_mlp(root, res, data, datasets, particles)
+        pops = populations.run_mlp(root, res, data, datasets, particles, bar)
     return Run(cfg, res, data, pops, time.perf_counter() - t0)
 
 
-def simulate(config: SimConfig | Mapping[str, Any]) -> Result:
+def simulate(config: SimConfig | Mapping[str, Any], progress: bool | None = None) -> Result:
     """Run one simulation and estimate every quantity of the theory.
 
     Args:
       config: a :class:`SimConfig` or a (partial) mapping accepted by ``SimConfig.from_dict``.
+      progress: show a progress bar over the Langevin steps (default: on a terminal,
+        off when the environment variable ``CI`` is set).
     Returns:
       a :class:`Result` with ``per_dataset`` (one row per dataset), ``summary``,
       ``datasets``, ``config`` and ``notes``.
     """
     t0 = time.perf_counter()
-    run = run_populations(config)
+    run = run_populations(config, progress)
     if run.resolved.static.task == "linear_gaussian":
         per_dataset, pooled, notes = linear_columns(run)
         datasets = {"X": run.data.X, "Y": run.data.Y, "W_star": run.data.W_star}

@@ -2,4 +2,6 @@
 # Set up .venv if needed and run the test suite. Extra arguments go to pytest.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/env.sh"
-exec .venv/bin/python -m pytest -q "$@"
+# Two workers: compilation is single-threaded, so they use both cores of a small machine.
+# Long tests marked `slow` (each covered by a faster one) run with: scripts/test.sh -m slow
+exec .venv/bin/python -m pytest -q -n "${KDSIM_TEST_WORKERS:-2}" --dist loadfile -m "${KDSIM_TEST_MARKS:-not slow}" "$@"

@@ -90,7 +90,7 @@ UNTUNED = {
 @pytest.mark.parametrize("name", list(UNTUNED))
 def test_bounds_with_valid_assumptions_hold_on_24_datasets(name):
     over = dict(UNTUNED[name])
-    teacher = {**over.get("teacher", {}), "num_steps": 400}
+    teacher = {**over.get("teacher", {}), "num_steps": 250}
     cfg = {**over, "teacher": teacher, "num_datasets": 24, "num_particles": 256, "seed": 7}
     res = kdsim.simulate(cfg)
     df = res.per_dataset

@@ -267,9 +267,10 @@ def test_mlp_sharpness_matches_jax_hessian():
         flat, unravel = ravel_pytree(w)
         H = np.asarray(jax.hessian(lambda u: f(unravel(u)))(flat))
         ev = np.linalg.eigvalsh(H)
-        top = float(sharpness.top_eigenvalue(f, w, jax.random.key(1), 600))
+        top = float(jax.jit(lambda k: sharpness.top_eigenvalue(f, w, k, 600))(jax.random.key(1)))
         assert top == pytest.approx(ev[-1], rel=1e-4)
-        tr, se = (float(x) for x in sharpness.hutchinson_trace(f, w, jax.random.key(2), 500))
+        tr, se = (float(x) for x in jax.jit(lambda k: sharpness.hutchinson_trace(f, w, k, 500))(
+            jax.random.key(2)))
         assert abs(tr - np.trace(H)) < bonferroni_z(1) * se
 
 
@@ -278,6 +279,7 @@ def test_laplace_is_nan_when_particles_do_not_exceed_dimension(result):
     assert any("needs more particles (16) than parameters" in n for n in result.notes)
 
 
+@pytest.mark.slow
 def test_self_distillation_and_compression_run_at_the_issue_scale_shape():
     """Width-64 teacher with width-8 and width-64 students, 16 datasets x 64 particles
     (few steps here; the full-length run is the README's timing)."""

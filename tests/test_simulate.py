@@ -61,7 +61,8 @@ def test_rank_student_reports_infinite_kl_with_reason():
 
 
 def test_numeric_fields_do_not_recompile(small_result):
-    fns = [populations._linear_teachers, populations._linear_students, lg._standard_draws]
+    fns = [populations._linear_init, populations._linear_targets, populations._linear_segment,
+           lg._standard_draws]
     before = [f._cache_size() for f in fns]
     changed = kdsim.simulate({**SMALL, "teacher": {"num_steps": 40, "gamma": 20.0, "step_size": 1e-3,
                                                   "prior_scale": 2.0, "init_scale": 0.5},

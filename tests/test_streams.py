@@ -48,3 +48,18 @@ def test_different_seeds_give_different_datasets_and_planted_weights():
     assert not np.allclose(a.data.X, b.data.X)
     assert not np.allclose(a.data.W_star, b.data.W_star)
     assert not np.allclose(a.data.X[0], a.data.X[1])
+
+
+def test_segmented_run_is_bit_identical_to_one_scan(monkeypatch):
+    """The host loop over scan segments (progress reporting) changes no number."""
+    from kdsim import progress
+    cfg = {"task": {"d": 3, "k": 2, "n": 16}, "teacher": {"num_steps": 60},
+           "student": {"alpha": 0.3, "teacher_noise": 0.5}, "num_datasets": 2, "num_particles": 5}
+    monkeypatch.setattr(progress, "SEGMENT_STEPS", 1000)
+    whole = run_populations(cfg)
+    monkeypatch.setattr(progress, "SEGMENT_STEPS", 7)     # 9 segments of 7 (60 = 8 x 7 + 4)
+    assert list(progress.segments(60))[-1] == (56, 4)
+    parts = run_populations(cfg)
+    np.testing.assert_array_equal(whole.populations.teacher, parts.populations.teacher)
+    np.testing.assert_array_equal(whole.populations.student_sub, parts.populations.student_sub)
+    np.testing.assert_array_equal(whole.populations.girsanov, parts.populations.girsanov)
