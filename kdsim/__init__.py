@@ -21,14 +21,18 @@ from .config import (
     load_config,
 )
 from .io import ResultFileError, load_result
+from .memory import MemoryBudgetError
+from .memory import estimate as memory_estimate
 from .result import Result
-from .simulate import run_populations, simulate
+from .simulate import DivergenceError, run_populations, simulate
 from .sweep import SweepError, load_sweep, sweep
 
 __all__ = [
     "ConfigError",
+    "DivergenceError",
     "EstimatorsConfig",
     "LangevinConfig",
+    "MemoryBudgetError",
     "ModelConfig",
     "Result",
     "ResultFileError",
@@ -40,6 +44,7 @@ __all__ = [
     "load_config",
     "load_result",
     "load_sweep",
+    "memory_estimate",
     "run_populations",
     "simulate",
     "sweep",

@@ -60,8 +60,19 @@ def _print_table(df) -> None:
 def _cmd_run(args) -> int:
     from . import simulate
     from .config import SimConfig, load_config
+    from .simulate import DivergenceError
     cfg = load_config(args.config) if args.config else SimConfig()
-    res = simulate(cfg, progress=False if args.no_progress else None)
+    try:
+        res = simulate(cfg, progress=False if args.no_progress else None)
+    except DivergenceError as err:
+        # keep the record of which chain blew up at which step
+        import numpy as np
+        os.makedirs(args.out, exist_ok=True)
+        path = os.path.join(args.out, "divergence.npz")
+        pops = err.run.populations
+        np.savez(path, diverged_T=pops.diverged_T, diverged_S=pops.diverged_S,
+                 diverged_step_T=pops.diverged_step_T, diverged_step_S=pops.diverged_step_S)
+        raise DivergenceError(f"{err} (which chain diverged at which step: {path})", err.run) from None
     res.save(args.out)
     _print_table(res.table())
     if res.notes:
@@ -120,9 +131,18 @@ def _cmd_bench(args) -> int:
     return 0
 
 
+def entry() -> int:
+    """The ``kdsim`` command: one CPU device per core (the engine spreads its population
+    over them), then :func:`main`."""
+    from .sharding import cpu_device_flags
+    cpu_device_flags()
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     from .config import ConfigError
     from .io import ResultFileError
+    from .simulate import DivergenceError
     from .sweep import SweepError
     parser = _parser()
     args = parser.parse_args(argv)
@@ -132,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     commands = {"run": _cmd_run, "sweep": _cmd_sweep, "plot": _cmd_plot, "bench": _cmd_bench}
     try:
         return commands[args.command](args)
-    except (ConfigError, ResultFileError, SweepError, OSError) as err:
+    except (ConfigError, ResultFileError, SweepError, DivergenceError, OSError) as err:
         print(f"kdsim: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -30,6 +30,7 @@ ACTIVATIONS = ("tanh", "relu", "gelu", "softplus", "sigmoid", "identity")
 DIVERGENCES = ("exact", "stationary", "gaussian_full", "gaussian_diag", "knn", "girsanov")
 CGFS = ("exact", "empirical")
 DTYPES = ("float32", "float64")
+PRECISIONS = ("default", "high", "highest")
 # TOML configs are data written by people: anything this large is a mistake or an attack.
 MAX_TOML_BYTES = 1 << 20
 
@@ -271,6 +272,13 @@ class SimConfig(_Validated):
     num_particles: int = _f(256, _Int(2, 1 << 30), static=True)
     seed: int = _f(0, _Int(0, 2**32 - 1), static=True)
     dtype: str = _f("float32", _Choice(DTYPES), static=True)
+    engine_precision: str = _f("default", _Choice(PRECISIONS), static=True,
+                               doc="matmul precision of the Langevin engine (jax.default_matmul_precision)")
+    particle_chunk: int | None = _f(None, _Int(1, 1 << 30, optional=True), static=True,
+                                    doc="particles per dataset advanced at once (null = all)")
+    max_diverged_fraction: float = _f(0.1, _Float(ge=0.0, le=1.0), static=True,
+                                      doc="a run where a larger fraction of any population "
+                                          "diverges fails (simulate raises DivergenceError)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -490,6 +498,8 @@ class Static(NamedTuple):
     teacher_steps: int
     student_steps: int
     dtype: str
+    engine_precision: str
+    particle_chunk: int   # == num_particles when not chunked
     n_test: int
     num_classes: int
     planted_width: int
@@ -628,6 +638,8 @@ def resolve(cfg: SimConfig) -> Resolved:
         task=task.name, d=task.d, k=task.k, n=task.n, rank=rank, full_student=full,
         num_datasets=cfg.num_datasets, num_particles=cfg.num_particles,
         teacher_steps=t.num_steps, student_steps=steps_s, dtype=cfg.dtype,
+        engine_precision=cfg.engine_precision,
+        particle_chunk=min(cfg.particle_chunk or cfg.num_particles, cfg.num_particles),
         n_test=task.n_test, num_classes=task.num_classes, planted_width=task.planted_width,
         teacher_width=t.model.width, teacher_depth=t.model.depth,
         teacher_activation=t.model.activation, student_width=s.model.width,

@@ -43,8 +43,9 @@ def _linear_sharpness(keys, centres, fit, rho, Cxx, Cyx, Cyy, W_star, sx, noise,
     """Per dataset: loss sharpness at the centre and the gap's G_D, S_D (vmapped over E).
 
     Args:
-      keys: ``(E,)`` estimator keys; centres: ``(E, k, d)``; fit: ``(E, P', k, d)`` teacher
-        particles (diverged ones replaced by the centre); rho: ``(E,)`` SAM radius.
+      keys: ``(E,)`` estimator keys; centres: ``(E, k, d)``; fit: ``(E, Q, k, d)`` teacher
+        particles where S_D is also evaluated (diverged ones replaced by the centre);
+        rho: ``(E,)`` SAM radius.
     """
     E, n_pts = fit.shape[0], fit.shape[1] + 1
     p_dim = centres.shape[-1] * centres.shape[-2]
@@ -318,8 +319,11 @@ def _sharpness_columns(run, ok: np.ndarray) -> dict[str, np.ndarray]:
     root = streams.root_key(cfg.seed)
     keys = jax.vmap(lambda e: streams.dataset_key(root, "estimators", e))(
         jnp.arange(E, dtype=jnp.uint32))
+    # S_D is maximised over the centre and the first `curvature_points` fit particles
+    # (as for the MLP tasks): the cost stays independent of the population size
+    Q = max(1, min(cfg.estimators.curvature_points, n_fit))
     with jax.enable_x64(True):
-        out = _linear_sharpness(keys, centres, fit, rho, data.Cxx, data.Cyx, data.Cyy,
+        out = _linear_sharpness(keys, centres, fit[:, :Q], rho, data.Cxx, data.Cyx, data.Cyy,
                                 data.W_star, data.sx, data.noise)
         top, trace, trace_se, G_D, S_D, sam = (np.asarray(x, np.float64) for x in out)
     cols = {

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import langevin, models, streams
+from . import langevin, models, sharding, streams
 from .config import LangevinNumeric, Resolved
 from .progress import NullProgress, Progress, segments
 from .tasks import linear_gaussian as lg
@@ -56,6 +56,24 @@ class Populations(NamedTuple):
     diverged_step_S: np.ndarray   # (E, P) int32
     girsanov: np.ndarray | None   # (E, P) path-space KL bound of each student's run
     seconds: dict                 # wall time of each phase
+
+
+def concatenate(parts: list[Populations], num_particles: int) -> Populations:
+    """Join populations trained on consecutive particle chunks (along the particle axis),
+    keeping the first ``num_particles`` (a padded last chunk is cut)."""
+    def cat(*xs):
+        if xs[0] is None:
+            return None
+        return jax.tree_util.tree_map(
+            lambda *a: np.concatenate([np.asarray(x) for x in a], axis=1)[:, :num_particles], *xs)
+
+    fields = {name: cat(*(getattr(p, name) for p in parts))
+              for name in Populations._fields if name != "seconds"}
+    seconds = {}
+    for p in parts:
+        for k, v in p.seconds.items():
+            seconds[k] = seconds.get(k, 0.0) + v
+    return Populations(**fields, seconds=seconds)
 
 
 def _cast(tree, dtype):
@@ -193,29 +211,33 @@ def run_linear(root: jax.Array, res: Resolved, data: lg.LinearData, datasets: np
     dtype = jnp.dtype(static.dtype)
     k, d, r = static.k, static.d, static.rank
     seconds = {}
+    lay = sharding.layout(len(datasets), len(particles))
     with jax.enable_x64(static.dtype == "float64"):
         ds = jnp.asarray(datasets, jnp.uint32)
         ps = jnp.asarray(particles, jnp.uint32)
-        Cxx, Cyx = _cast(data.Cxx, dtype), _cast(data.Cyx, dtype)
+        Cxx, Cyx = lay.datasets(_cast((data.Cxx, data.Cyx), dtype))
         p_T, p_S = _cast(numeric.teacher, dtype), _cast(numeric.student, dtype)
         t0 = time.perf_counter()
-        state, keys = _linear_init(root, ds, ps, p_T.init_scale, Cxx, shape=(k, d),
-                                   init_stream="teacher_init", noise_stream="teacher_noise")
+        state, keys = lay.particles(_linear_init(
+            root, ds, ps, p_T.init_scale, Cxx, shape=(k, d), init_stream="teacher_init",
+            noise_stream="teacher_noise"))
         teachers, _ = _advance(_linear_segment, state, None, static.teacher_steps, progress,
                                "teacher", keys_noise=keys, C=Cxx, B=Cyx, Cxx=Cxx, Cyx=Cyx, p=p_T,
                                p_T=p_T, shared_B=True, girsanov=False)
         teacher_w = np.asarray(teachers.position)
         seconds["teacher"] = time.perf_counter() - t0
         Pi, PiT = data.Pi, np.swapaxes(data.Pi, -1, -2)
-        Cp, CyxPi, CxxPi, NoisePi = _cast((PiT @ data.Cxx @ Pi, data.Cyx @ Pi, data.Cxx @ Pi,
-                                           symmetric_sqrt(data.Cxx) @ Pi / np.sqrt(static.n)), dtype)
+        Cp, CyxPi, CxxPi, NoisePi = lay.datasets(_cast((
+            PiT @ data.Cxx @ Pi, data.Cyx @ Pi, data.Cxx @ Pi,
+            symmetric_sqrt(data.Cxx) @ Pi / np.sqrt(static.n)), dtype))
 
         def student(alpha, teacher_noise, girsanov, phase):
             B = _linear_targets(root, ds, ps, teachers.position, CyxPi, CxxPi, NoisePi,
                                 _cast(alpha, dtype), _cast(teacher_noise, dtype))
-            state, keys = _linear_init(root, ds, ps, p_S.init_scale, Cp, shape=(k, r),
-                                       init_stream="student_init", noise_stream="student_noise")
-            acc = jnp.zeros((len(datasets), len(particles)), dtype) if girsanov else None
+            state, keys = lay.particles(_linear_init(
+                root, ds, ps, p_S.init_scale, Cp, shape=(k, r), init_stream="student_init",
+                noise_stream="student_noise"))
+            acc = lay.particles(jnp.zeros((len(datasets), len(particles)), dtype)) if girsanov else None
             return _advance(_linear_segment, state, acc, static.student_steps, progress, phase,
                             keys_noise=keys, C=Cp, B=B, Cxx=Cxx, Cyx=Cyx, p=p_S, p_T=p_T,
                             shared_B=False, girsanov=girsanov)
@@ -377,17 +399,18 @@ def run_mlp(root: jax.Array, res: Resolved, data: mlp_task.MLPData, datasets: np
     classification = st.task == "mlp_classification"
     teacher_model, student_model = mlp_models(res)
     seconds = {}
+    lay = sharding.layout(len(datasets), len(particles))
     with jax.enable_x64(st.dtype == "float64"):
         ds = jnp.asarray(datasets, jnp.uint32)
         ps = jnp.asarray(particles, jnp.uint32)
-        X = _cast(data.X, dtype)
-        Y = jnp.asarray(data.Y) if classification else _cast(data.Y, dtype)
+        X = lay.datasets(_cast(data.X, dtype))
+        Y = lay.datasets(jnp.asarray(data.Y) if classification else _cast(data.Y, dtype))
         p_T, p_S = _cast(nm.teacher, dtype), _cast(nm.student, dtype)
         tau = _cast(nm.temperature, dtype)
         common = dict(X=X, Y=Y, p_T=p_T, tau=tau, classification=classification)
         t0 = time.perf_counter()
-        state, keys = _mlp_init(root, ds, ps, p_T.init_scale, X, model=teacher_model,
-                                init_stream="teacher_init", noise_stream="teacher_noise")
+        state, keys = lay.particles(_mlp_init(root, ds, ps, p_T.init_scale, X, model=teacher_model,
+                                              init_stream="teacher_init", noise_stream="teacher_noise"))
         teachers, _ = _advance(_mlp_segment, state, None, st.teacher_steps, progress, "teacher",
                                keys_noise=keys, target=None, p=p_T, alpha=_cast(1.0, dtype),
                                model=teacher_model, girsanov=False, **common)
@@ -397,9 +420,9 @@ def run_mlp(root: jax.Array, res: Resolved, data: mlp_task.MLPData, datasets: np
         def student(alpha, teacher_noise, girsanov, phase):
             target = _mlp_targets(root, ds, ps, teachers.position, X, _cast(teacher_noise, dtype),
                                   tau, teacher_model=teacher_model, classification=classification)
-            state, keys = _mlp_init(root, ds, ps, p_S.init_scale, X, model=student_model,
-                                    init_stream="student_init", noise_stream="student_noise")
-            acc = jnp.zeros((len(datasets), len(particles)), dtype) if girsanov else None
+            state, keys = lay.particles(_mlp_init(root, ds, ps, p_S.init_scale, X, model=student_model,
+                                                  init_stream="student_init", noise_stream="student_noise"))
+            acc = lay.particles(jnp.zeros((len(datasets), len(particles)), dtype)) if girsanov else None
             out = _advance(_mlp_segment, state, acc, st.student_steps, progress, phase,
                            keys_noise=keys, target=target, p=p_S, alpha=_cast(alpha, dtype),
                            model=student_model, girsanov=girsanov, **common)

@@ -9,10 +9,11 @@ from __future__ import annotations
 import time
 from typing import Any, Mapping, NamedTuple
 
+import jax
 import numpy as np
 import pandas as pd
 
-from . import populations, streams
+from . import memory, populations, streams
 from .config import ConfigError, Resolved, SimConfig, resolve
 from .evaluation import linear_columns
 from .evaluation_mlp import mlp_columns
@@ -21,6 +22,14 @@ from .progress import enabled as progress_enabled
 from .result import Result, summarize
 from .tasks import linear_gaussian as lg
 from .tasks import mlp as mlp_task
+
+
+class DivergenceError(RuntimeError):
+    """Too many chains blew up; ``.run`` holds everything computed (nothing is lost)."""
+
+    def __init__(self, message: str, run: "Run"):
+        super().__init__(message)
+        self.run = run
 
 
 class Run(NamedTuple):
@@ -53,30 +62,45 @@ def run_populations(config: SimConfig | Mapping[str, Any], progress: bool | None
     cfg = _as_config(config)
     res = resolve(cfg)
     st, nm = res.static, res.numeric
-    steps = st.teacher_steps + st.student_steps * (2 if res.scratch else 1)
+    memory.check(res)
+    chunks = -(-st.num_particles // st.particle_chunk)
+    steps = (st.teacher_steps + st.student_steps * (2 if res.scratch else 1)) * chunks
     with Progress(steps, "kdsim run", enabled=progress_enabled(progress)) as bar:
         return _run(cfg, res, bar)
 
 
 def _run(cfg: SimConfig, res: Resolved, bar: Progress) -> Run:
+    """Draw the data, then train the population chunk by chunk of particles.
+
+    Every draw is keyed by global dataset and particle index, so a chunked run draws
+    exactly the numbers of an unchunked one (its arithmetic can differ in the last bit:
+    XLA vectorises a batch by its shape); only ``num_datasets x particle_chunk`` chains
+    are on the device at a time.
+    """
     st, nm = res.static, res.numeric
     root = streams.root_key(cfg.seed)
     datasets = np.arange(st.num_datasets)
-    particles = np.arange(st.num_particles)
     t0 = time.perf_counter()
     if st.task == "linear_gaussian":
         data = lg.make_data(root, datasets, n=st.n, d=st.d, k=st.k, rank=st.rank,
                             full_student=st.full_student, noise=nm.noise,
                             input_scale=nm.input_scale, input_decay=nm.input_decay,
                             signal_decay=nm.signal_decay)
-        pops = populations.run_linear(root, res, data, datasets, particles, bar)
+        engine = populations.run_linear
     else:
         classification = st.task == "mlp_classification"
         data = mlp_task.make_data(
             root, datasets, n=st.n, d=st.d, out=st.num_classes if classification else st.k,
             n_test=st.n_test, planted_width=st.planted_width, planted_scale=nm.planted_scale,
             noise=nm.noise, classification=classification)
-        pops = populations.run_mlp(root, res, data, datasets, particles, bar)
+        engine = populations.run_mlp
+    chunk, P = st.particle_chunk, st.num_particles
+    with jax.default_matmul_precision(st.engine_precision):
+        # every chunk has the same shape (the last one padded with extra chains that are
+        # dropped): one compiled program, and the same arithmetic for every particle
+        parts = [engine(root, res, data, datasets, np.arange(lo, lo + chunk), bar)
+                 for lo in range(0, P, chunk)]
+    pops = parts[0] if len(parts) == 1 else populations.concatenate(parts, P)
     return Run(cfg, res, data, pops, time.perf_counter() - t0)
 
 
@@ -93,6 +117,7 @@ def simulate(config: SimConfig | Mapping[str, Any], progress: bool | None = None
     """
     t0 = time.perf_counter()
     run = run_populations(config, progress)
+    check_divergence(run)
     if run.resolved.static.task == "linear_gaussian":
         per_dataset, pooled, notes = linear_columns(run)
         datasets = {"X": run.data.X, "Y": run.data.Y, "W_star": run.data.W_star}
@@ -114,6 +139,30 @@ def simulate(config: SimConfig | Mapping[str, Any], progress: bool | None = None
     }
     return Result(config=run.config, per_dataset=per_dataset, summary=summary,
                   datasets=datasets, notes=notes, meta=meta, pooled=pooled)
+
+
+def check_divergence(run: Run) -> None:
+    """Raise :class:`DivergenceError` when more than ``max_diverged_fraction`` of the
+    teachers, students or scratch students blew up: their estimates would rest on the
+    survivors only, a biased remnant of the population."""
+    cfg, res, pops = run.config, run.resolved, run.populations
+    limit = cfg.max_diverged_fraction
+    phases = (("teacher", "teacher", pops.diverged_T, pops.diverged_step_T, res.numeric.teacher),
+              ("student", "student.langevin", pops.diverged_S, pops.diverged_step_S, res.numeric.student),
+              ("scratch student", "student.langevin", pops.diverged_scratch, None, res.numeric.student))
+    for who, field, diverged, steps, p in phases:
+        frac = float(np.mean(diverged))
+        if frac <= limit:
+            continue
+        first = f", the first at step {int(steps[diverged].min())}" if steps is not None else ""
+        hint = f"reduce {field}.step_size (now {p.step_size:.3g})"
+        if res.static.task == "linear_gaussian":
+            from .config import linear_curvature_estimate
+            stable = 2.0 / linear_curvature_estimate(cfg.task, p.gamma, p.prior_scale)
+            hint += f"; the stability estimate is {stable:.3g}"
+        raise DivergenceError(
+            f"{int(diverged.sum())} of {diverged.size} {who} chains diverged ({frac:.0%}{first}), "
+            f"more than max_diverged_fraction = {limit:g}: {hint}", run)
 
 
 def _numeric_dict(res: Resolved) -> dict[str, Any]:

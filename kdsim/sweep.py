@@ -36,7 +36,7 @@ from .config import ConfigError, SimConfig, field_paths
 from .progress import Progress
 from .progress import enabled as progress_enabled
 from .result import Result
-from .simulate import _as_config, simulate
+from .simulate import DivergenceError, _as_config, simulate
 
 SCHEMA = "kdsim.sweep/1"
 MANIFEST = "manifest.json"
@@ -133,7 +133,10 @@ def point_table(values: Mapping[str, Any], index: int, res: Result) -> pd.DataFr
 
 def run_point(out: str | None, index: int, values: Mapping[str, Any], cfg: SimConfig) -> Result:
     """Run one point and, with a store, save it atomically (used by workers too)."""
-    res = simulate(cfg, progress=False)
+    try:
+        res = simulate(cfg, progress=False)
+    except DivergenceError as err:     # finished points stay in the store
+        raise DivergenceError(f"sweep point {index} {dict(values)}: {err}", err.run) from None
     res.meta["sweep_point"] = {"index": index, "values": dict(values)}
     if out is not None:
         res.save(_point_dir(out, index, cfg))

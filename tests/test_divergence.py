@@ -90,6 +90,23 @@ def test_knn_excludes_each_students_partner():
     assert naive < exact[0] - 0.1
 
 
+def test_knn_blocked_search_matches_a_kd_tree(monkeypatch):
+    """The blocked brute-force search (several blocks, a padded last one) finds the same
+    neighbours as scipy's KD-tree with the partner removed by hand."""
+    from scipy.spatial import cKDTree
+    rng = np.random.default_rng(3)
+    n, p, k = 301, 6, 4
+    s, t = rng.normal(size=(n, p)), 1.3 * rng.normal(size=(n, p)) + 0.2
+    monkeypatch.setattr(divergence, "KNN_BLOCK_ELEMENTS", 64 * n)      # blocks of 64 rows
+    est = divergence.knn(s, t, k=k)
+    rho = cKDTree(s).query(s, k=k + 1)[0][:, k]
+    dist, idx = cKDTree(t).query(s, k=k + 1)
+    nu = np.where((idx[:, :k] == np.arange(n)[:, None]).any(axis=1), dist[:, k], dist[:, k - 1])
+    terms = p * np.log(nu / rho)
+    np.testing.assert_allclose(est.value, terms.mean(), rtol=1e-12)
+    np.testing.assert_allclose(est.se, terms.std(ddof=1) / np.sqrt(n), rtol=1e-10)
+
+
 def test_knn_agrees_in_low_dimension():
     ctx, exact = _engine_kl(2, 1, 3000, E=3, alpha=1.0, langevin={"gamma": 4 * 256.0})
     cols, _ = evaluation.divergence_columns(ctx)

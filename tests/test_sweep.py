@@ -119,6 +119,28 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_table(tmp_path):
     pd.testing.assert_frame_equal(kdsim.load_sweep(out), kdsim.sweep(base, g), check_exact=True)
 
 
+def test_repeated_sigkill_at_random_moments_resumes_to_the_same_table(tmp_path):
+    """Three kills at random moments (start-up, compilation, mid-point, mid-save), each
+    followed by a resume: the store ends bit-identical to an uninterrupted sweep."""
+    grid = {"student.alpha": [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]}
+    path = _sweep_file(tmp_path, grid)
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "kdsim", "sweep", str(path), "--out", str(out), "--no-plot"]
+    env = {**os.environ, "CI": "1"}
+    rng = np.random.default_rng(20261130)
+    for delay in rng.uniform(0.5, 9.0, size=3):
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            proc.wait(timeout=delay)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    base, g = sweep_mod.load_sweep_file(path)
+    pd.testing.assert_frame_equal(kdsim.load_sweep(out), kdsim.sweep(base, g), check_exact=True)
+
+
 def test_cli_sweep_and_plot_write_figures(tmp_path):
     from kdsim.cli import main
     path = _sweep_file(tmp_path, {"task.n": [16, 32]})

@@ -1,0 +1,78 @@
+"""Spreading a population over the local devices (data parallelism over datasets).
+
+The engine's arrays have leading axes ``(E, P)`` (datasets, particles) and every chain
+is independent, so the population splits over devices without communication: the
+dataset axis when ``E`` divides evenly, else the particle axis. Per-dataset data follow
+the population (split with it over datasets, replicated over particles). ``jax.jit``
+propagates the layout through every compiled segment. Each particle's draws never
+change; split over datasets, results are bit-identical to a single-device run; split
+over particles, float32 arithmetic can differ in the last bit (XLA vectorises a batch
+by its shape).
+
+On a CPU, JAX shows one device unless asked for more before it starts; kdsim's CLI and
+benchmarks ask for one per core (:func:`cpu_device_flags`), notebooks can set
+``XLA_FLAGS=--xla_force_host_platform_device_count=N`` before importing jax.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, NamedTuple
+
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as PS
+
+_FLAG = "--xla_force_host_platform_device_count"
+
+
+def cpu_device_flags(env: dict | None = None) -> None:
+    """Ask XLA for one CPU device per core (call before jax starts; no-op if already set).
+
+    Only the host platform is affected; on a GPU machine the GPU stays the default.
+    """
+    env = os.environ if env is None else env
+    flags = env.get("XLA_FLAGS", "")
+    if _FLAG not in flags:
+        env["XLA_FLAGS"] = f"{flags} {_FLAG}={os.cpu_count() or 1}".strip()
+
+
+class Layout(NamedTuple):
+    """How one population of ``(E, P)`` chains is laid out over the local devices."""
+
+    mesh: Mesh | None
+    axis: int | None        # 0: datasets split, 1: particles split, None: one device
+
+    def particles(self, tree: Any) -> Any:
+        """Place arrays with leading axes ``(E, P)``."""
+        if self.mesh is None:
+            return tree
+        spec = PS("pop") if self.axis == 0 else PS(None, "pop")
+        return jax.device_put(tree, NamedSharding(self.mesh, spec))
+
+    def datasets(self, tree: Any) -> Any:
+        """Place per-dataset arrays (leading axis ``E``): split with the population, or
+        replicated when the particles are split."""
+        if self.mesh is None:
+            return tree
+        spec = PS("pop") if self.axis == 0 else PS()
+        return jax.device_put(tree, NamedSharding(self.mesh, spec))
+
+    @property
+    def num_devices(self) -> int:
+        return 1 if self.mesh is None else self.mesh.devices.size
+
+
+def layout(num_datasets: int, num_particles: int, devices=None) -> Layout:
+    """The layout of an ``(E, P)`` population over ``devices`` (default: local devices)."""
+    devices = list(jax.local_devices() if devices is None else devices)
+    n = len(devices)
+    if n <= 1:
+        return Layout(None, None)
+    if num_datasets % n == 0:
+        axis = 0
+    elif num_particles % n == 0:
+        axis = 1
+    else:
+        return Layout(None, None)
+    return Layout(Mesh(devices, ("pop",)), axis)
