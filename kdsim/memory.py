@@ -28,6 +28,7 @@ class MemoryBudgetError(ConfigError):
 class Estimate(NamedTuple):
     engine_bytes: float       # device memory for one chunk of the population
     host_bytes: float         # host memory for the whole run's particles and estimators
+    population_bytes: float   # host memory for the final particles alone (no estimation)
     chunk_particles: int      # chains advanced together (num_datasets x particle_chunk)
     bytes_per_chain: float    # engine bytes per chain (to size a chunk)
 
@@ -60,20 +61,22 @@ def estimate(config) -> Estimate:
         # teacher (dtype), student V (dtype) + W_S and scratch (float64), the
         # estimators' float64 copies of W_T, W_S and their differences; the
         # function-space stage's predictions on the training and ghost points
-        host_per = (p_T * item + p_S * item + 2 * 8 * p_T + 4 * 8 * p_T
-                    + 3 * (st.n + res.ghost_points) * st.k * 8)
+        pop_per = p_T * item + p_S * item + 2 * 8 * p_T
+        host_per = pop_per + 4 * 8 * p_T + 3 * (st.n + res.ghost_points) * st.k * 8
     else:
         out = st.num_classes if st.task == "mlp_classification" else st.k
         width = max(st.teacher_width, st.student_width) * max(st.teacher_depth, st.student_depth)
         # parameters as above; per-example targets; activations of forward and backward
         per_chain = (6 * p + 2 * st.n * out + 3 * st.n * width) * item + 64
         # three populations of parameters, and predictions on the test and ghost points
-        host_per = (p_T + 2 * p_S) * item + 3 * (st.n_test + res.ghost_points) * out * 8
+        pop_per = (p_T + 2 * p_S) * item
+        host_per = pop_per + 3 * (st.n_test + res.ghost_points) * out * 8
     chunk = st.num_datasets * st.particle_chunk
     # the itemised host count fell 1.7x short of the peak RSS measured on 2^20 linear
     # particles (temporaries of the estimators, the allocator): doubled
     return Estimate(engine_bytes=chunk * per_chain,
                     host_bytes=2.0 * st.num_datasets * st.num_particles * host_per,
+                    population_bytes=2.0 * st.num_datasets * st.num_particles * pop_per,
                     chunk_particles=chunk, bytes_per_chain=per_chain)
 
 
@@ -96,8 +99,9 @@ def available() -> tuple[float, float]:
     return device * max(1, jax.local_device_count()), host
 
 
-def check(res: Resolved, free: tuple[float, float] | None = None) -> Estimate:
-    """Raise :class:`MemoryBudgetError` (a ConfigError) if the run would not fit; else the estimate."""
+def check(res: Resolved, free: tuple[float, float] | None = None, evaluate: bool = True) -> Estimate:
+    """Raise :class:`MemoryBudgetError` (a ConfigError) if the run would not fit; else the
+    estimate. ``evaluate=False``: the populations only (``run_populations``)."""
     st = res.static
     est = estimate(res)
     device, host = available() if free is None else free
@@ -110,10 +114,11 @@ def check(res: Resolved, free: tuple[float, float] | None = None) -> Estimate:
             f"num_datasets x particle_chunk = {st.num_datasets} x {st.particle_chunk} chains, "
             f"more than {USABLE_FRACTION:.0%} of the {device / GiB:.1f} GiB free on "
             f"{jax.local_devices()[0].platform}: {hint}")
-    if est.host_bytes > USABLE_FRACTION * host:
+    need = est.host_bytes if evaluate else est.population_bytes
+    if need > USABLE_FRACTION * host:
         raise MemoryBudgetError(
             f"the results of num_datasets x num_particles = {st.num_datasets} x "
-            f"{st.num_particles} particles would need about {est.host_bytes / GiB:.1f} GiB of "
+            f"{st.num_particles} particles would need about {need / GiB:.1f} GiB of "
             f"host memory, more than {USABLE_FRACTION:.0%} of the {host / GiB:.1f} GiB free: "
             "use fewer particles, or spread the datasets over a sweep of seeds")
     return est

@@ -62,7 +62,7 @@ def run_populations(config: SimConfig | Mapping[str, Any], progress: bool | None
     cfg = _as_config(config)
     res = resolve(cfg)
     st, nm = res.static, res.numeric
-    memory.check(res)
+    memory.check(res, evaluate=False)
     chunks = -(-st.num_particles // st.particle_chunk)
     steps = (st.teacher_steps + st.student_steps * (2 if res.scratch else 1)) * chunks
     with Progress(steps, "kdsim run", enabled=progress_enabled(progress)) as bar:
@@ -116,6 +116,8 @@ def simulate(config: SimConfig | Mapping[str, Any], progress: bool | None = None
       ``datasets``, ``config`` and ``notes``.
     """
     t0 = time.perf_counter()
+    config = _as_config(config)
+    memory.check(resolve(config))          # the estimators' memory too, before any work
     run = run_populations(config, progress)
     check_divergence(run)
     if run.resolved.static.task == "linear_gaussian":

@@ -67,6 +67,9 @@ def test_memory_guard_stops_before_allocating_and_says_how_to_chunk():
     memory.check(chunked, free=(free_device, float("inf")))     # the advice works
     with pytest.raises(memory.MemoryBudgetError, match="host memory"):
         memory.check(res, free=(float("inf"), est.host_bytes / 2))
+    # the populations alone (run_populations) need less than a whole simulate
+    assert est.population_bytes < est.host_bytes
+    memory.check(res, free=(float("inf"), est.population_bytes * 2), evaluate=False)
     assert isinstance(memory.MemoryBudgetError("x"), ConfigError)   # CLI: one line, exit 2
 
 
