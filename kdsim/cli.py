@@ -40,6 +40,11 @@ def _parser() -> argparse.ArgumentParser:
                         "recomputed: rerun the same command to resume.")
     sw.add_argument("sweep_file")
     sw.add_argument("--out", required=True, help="the sweep's store folder")
+    sw.add_argument("--ray", nargs="?", const="local", metavar="ADDRESS",
+                    help="run the points as Ray tasks: on a local Ray (no ADDRESS) or the "
+                         "cluster at ADDRESS ('auto', 'ray://host:10001'); needs kdsim[ray]")
+    sw.add_argument("--gpus-per-point", type=float, default=0.0,
+                    help="GPUs each point asks Ray for (default 0)")
     sw.add_argument("--no-plot", action="store_true")
     sw.add_argument("--no-progress", action="store_true")
     plot = sub.add_parser("plot", help="draw the figures of a run or sweep folder")
@@ -92,7 +97,13 @@ def _cmd_run(args) -> int:
 def _cmd_sweep(args) -> int:
     from .sweep import load_sweep_file, sweep
     base, grid = load_sweep_file(args.sweep_file)
-    table = sweep(base, grid, out=args.out, progress=False if args.no_progress else None)
+    executor = None
+    if args.ray:
+        from .distributed import ray_executor
+        executor = ray_executor(num_gpus=args.gpus_per_point,
+                                address=None if args.ray == "local" else args.ray)
+    table = sweep(base, grid, out=args.out, progress=False if args.no_progress else None,
+                  executor=executor)
     fields = list(grid)
     cols = [c for c in ("gen_S", "gen_S_exact", "B0_upper", "B1_upper") if c in table]
     _print_table(table.groupby(fields)[cols].mean())

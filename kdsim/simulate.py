@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from . import memory, populations, streams
+from . import distributed, memory, populations, streams
 from .config import ConfigError, Resolved, SimConfig, resolve
 from .evaluation import linear_columns
 from .evaluation_mlp import mlp_columns
@@ -75,33 +75,44 @@ def _run(cfg: SimConfig, res: Resolved, bar: Progress) -> Run:
     Every draw is keyed by global dataset and particle index, so a chunked run draws
     exactly the numbers of an unchunked one (its arithmetic can differ in the last bit:
     XLA vectorises a batch by its shape); only ``num_datasets x particle_chunk`` chains
-    are on the device at a time.
+    are on the device at a time. Under multi-host JAX each process trains its share of
+    the datasets (or particles) and the shares are gathered on every process.
     """
     st, nm = res.static, res.numeric
     root = streams.root_key(cfg.seed)
-    datasets = np.arange(st.num_datasets)
     t0 = time.perf_counter()
     if st.task == "linear_gaussian":
-        data = lg.make_data(root, datasets, n=st.n, d=st.d, k=st.k, rank=st.rank,
-                            full_student=st.full_student, noise=nm.noise,
-                            input_scale=nm.input_scale, input_decay=nm.input_decay,
-                            signal_decay=nm.signal_decay)
+        make = lambda ds: lg.make_data(root, ds, n=st.n, d=st.d, k=st.k, rank=st.rank,
+                                       full_student=st.full_student, noise=nm.noise,
+                                       input_scale=nm.input_scale, input_decay=nm.input_decay,
+                                       signal_decay=nm.signal_decay)
         engine = populations.run_linear
     else:
         classification = st.task == "mlp_classification"
-        data = mlp_task.make_data(
-            root, datasets, n=st.n, d=st.d, out=st.num_classes if classification else st.k,
+        make = lambda ds: mlp_task.make_data(
+            root, ds, n=st.n, d=st.d, out=st.num_classes if classification else st.k,
             n_test=st.n_test, planted_width=st.planted_width, planted_scale=nm.planted_scale,
             noise=nm.noise, classification=classification)
         engine = populations.run_mlp
-    chunk, P = st.particle_chunk, st.num_particles
+    data = make(np.arange(st.num_datasets))
+    share = distributed.process_share(st.num_datasets, st.num_particles)
     with jax.default_matmul_precision(st.engine_precision):
-        # every chunk has the same shape (the last one padded with extra chains that are
-        # dropped): one compiled program, and the same arithmetic for every particle
-        parts = [engine(root, res, data, datasets, np.arange(lo, lo + chunk), bar)
-                 for lo in range(0, P, chunk)]
-    pops = parts[0] if len(parts) == 1 else populations.concatenate(parts, P)
+        local = _train(engine, root, res, make(share.datasets) if share.axis == 0 else data,
+                       share.datasets, share.particles, bar)
+    pops = distributed.gather_populations(local, share)
     return Run(cfg, res, data, pops, time.perf_counter() - t0)
+
+
+def _train(engine, root, res: Resolved, data, datasets: np.ndarray, particles: np.ndarray,
+           bar: Progress) -> populations.Populations:
+    """The given (global) datasets and particles, ``particle_chunk`` particles at a time."""
+    P = len(particles)
+    chunk = min(res.static.particle_chunk, P)
+    # every chunk has the same shape (the last one padded with extra chains that are
+    # dropped): one compiled program, and the same arithmetic for every particle
+    ids = np.concatenate([particles, particles[-1] + 1 + np.arange(-P % chunk)])
+    parts = [engine(root, res, data, datasets, ids[lo:lo + chunk], bar) for lo in range(0, P, chunk)]
+    return parts[0] if len(parts) == 1 and chunk == P else populations.concatenate(parts, P)
 
 
 def simulate(config: SimConfig | Mapping[str, Any], progress: bool | None = None) -> Result:

@@ -118,31 +118,44 @@ def test_engine_precision_is_validated_and_applied():
 
 _CHILD = r"""
 import json, sys, numpy as np, jax, kdsim
-cfg = json.loads(sys.argv[1])
-run = kdsim.run_populations(cfg, progress=False)
-np.savez(sys.argv[2], T=run.populations.teacher, S=run.populations.student,
-         n=jax.local_device_count())
+for i, cfg in enumerate(json.loads(sys.argv[1])):
+    res = kdsim.simulate(cfg)
+    run = kdsim.run_populations(cfg)
+    np.savez(f"{sys.argv[2]}/per_dataset_{i}.npz", **{c: res.per_dataset[c].to_numpy(float)
+             for c in ("gen_T", "gen_S", "gen_T_se", "kl_gaussian_diag", "B0_upper", "F_B0_upper")})
+    np.savez(f"{sys.argv[2]}/pops_{i}.npz", T=run.populations.teacher, S=run.populations.student,
+             n=jax.local_device_count())
 """
 
+SPREAD = [{**SMALL, "num_datasets": 4},                                  # datasets split
+          {**SMALL, "num_datasets": 3, "num_particles": 12},             # particles split
+          {**SMALL, "num_datasets": 3, "num_particles": 12, "dtype": "float64",
+           "particle_chunk": 8}]                                         # + chunks, float64
 
-@pytest.mark.parametrize("cfg, exact", [(SMALL, True), ({**SMALL, "num_datasets": 3}, False)],
-                         ids=["datasets split", "particles split"])
-def test_population_spread_over_two_devices_is_the_same(tmp_path, cfg, exact):
-    """Split over datasets: bit-identical. Split over particles: the same draws, the
-    float32 arithmetic of a differently shaped batch (last-bit differences)."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-           "JAX_PLATFORMS": "cpu"}
-    out = tmp_path / "two.npz"
-    subprocess.run([sys.executable, "-c", _CHILD, json.dumps(cfg), str(out)], env=env, check=True,
-                   timeout=300)
-    two, one = np.load(out), _pops(cfg)
-    assert int(two["n"]) == 2
-    if exact:
-        np.testing.assert_array_equal(two["T"], one.teacher)
-        np.testing.assert_array_equal(two["S"], one.student)
-    else:
-        np.testing.assert_allclose(two["T"], one.teacher, rtol=2e-6, atol=1e-7)
-        np.testing.assert_allclose(two["S"], one.student, rtol=2e-6, atol=1e-7)
+
+def test_population_spread_over_four_devices(tmp_path):
+    """Split over datasets: bit-identical to one device. Split over particles (and
+    chunked): the same draws, float32 arithmetic of a differently shaped batch (last-bit
+    differences); in float64 every estimate agrees within 1e-12 relative."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
+           "JAX_PLATFORMS": "cpu", "CI": "1"}
+    subprocess.run([sys.executable, "-c", _CHILD, json.dumps(SPREAD), str(tmp_path)], env=env,
+                   check=True, timeout=600)
+    for i, cfg in enumerate(SPREAD):
+        four, one = np.load(tmp_path / f"pops_{i}.npz"), _pops(cfg)
+        assert int(four["n"]) == 4
+        if i == 0:
+            np.testing.assert_array_equal(four["T"], one.teacher)
+            np.testing.assert_array_equal(four["S"], one.student)
+        else:
+            np.testing.assert_allclose(four["T"], one.teacher, rtol=2e-6, atol=1e-7)
+            np.testing.assert_allclose(four["S"], one.student, rtol=2e-6, atol=1e-7)
+        if cfg.get("dtype") == "float64":
+            multi = np.load(tmp_path / f"per_dataset_{i}.npz")
+            single = kdsim.simulate(cfg).per_dataset
+            for col in multi.files:
+                np.testing.assert_allclose(multi[col], single[col].to_numpy(float), rtol=1e-12,
+                                           err_msg=col)
 
 
 def test_layout_chooses_the_axis_that_divides():
