@@ -468,6 +468,9 @@ def compare(new: dict, old_path: str) -> int:
     with open(old_path) as fh:
         old = json.load(fh)
     index = {(r["task"], r["particles"], r["impl"]): r for r in old["rows"]}
+    # a ratio carries the noise of its row and of the minimal kernel it is divided by
+    base = lambda rows: {(r["task"], r["particles"]): r["spread"] for r in rows if r["impl"] == "minimal JAX"}
+    base_new, base_old = base(new["rows"]), base(old["rows"])
     worst = 0
     print(f"\ncompared with {old_path} ({old['machine']['device']}):")
     for r in new["rows"]:
@@ -475,7 +478,9 @@ def compare(new: dict, old_path: str) -> int:
         if o is None or not np.isfinite(r.get("ratio", np.nan)) or not np.isfinite(o.get("ratio", np.nan)):
             continue
         change = r["ratio"] / o["ratio"] - 1
-        tol = max(0.10, 3 * np.hypot(r["spread"], o["spread"]))
+        key = (r["task"], r["particles"])
+        tol = max(0.10, 3 * float(np.sqrt(r["spread"] ** 2 + o["spread"] ** 2 + base_new.get(key, 0.0) ** 2
+                                          + base_old.get(key, 0.0) ** 2)))
         flag = "REGRESSION" if change < -tol else ""
         worst |= bool(flag)
         print(f"  {r['task']:24s} {r['particles']:8d} {r['impl']:28s} {change:+7.1%} (tolerance {tol:.0%}) {flag}")
