@@ -16,10 +16,9 @@ import numpy as np
 import pandas as pd
 
 from . import bounds, closed_form, streams
-from .config import Resolved, Static
+from .config import Resolved
 from .estimators import cgf as cgf_mod
 from .estimators import divergence, predictive, sharpness
-from .populations import Populations
 from .stats import mean_se
 from .tasks import linear_gaussian as lg
 
@@ -47,7 +46,7 @@ def _linear_sharpness(keys, centres, fit, rho, Cxx, Cyx, Cyy, W_star, sx, noise,
         particles where S_D is also evaluated (diverged ones replaced by the centre);
         rho: ``(E,)`` SAM radius.
     """
-    E, n_pts = fit.shape[0], fit.shape[1] + 1
+    n_pts = fit.shape[1] + 1
     p_dim = centres.shape[-1] * centres.shape[-2]
     dtype = centres.dtype
     # every random start and probe drawn over one flat axis (fast to compile), per dataset

@@ -160,7 +160,7 @@ def _panel_average(ax, result):
         key = name if name == truth_col else prefix + name
         m, lo, hi = (summary.loc[key, c] for c in ("mean", "ci_low", "ci_high"))
         if name == truth_col:
-            label, marker, color = (rf"true $\mathrm{{gen}}_S$", "s", "k")
+            label, marker, color = (r"true $\mathrm{gen}_S$", "s", "k")
         else:
             label, marker, color = BOUND_STYLE[name]
         xerr = None if not (np.isfinite(lo) and np.isfinite(hi)) else [[m - lo], [hi - m]]

@@ -35,6 +35,7 @@ from .progress import NullProgress, Progress, segments
 from .tasks import linear_gaussian as lg
 from .tasks import mlp as mlp_task
 
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class Populations(NamedTuple):
@@ -166,9 +167,9 @@ def _linear_targets(root, datasets, particles, teacher, CyxPi, CxxPi, NoisePi, a
     Per-dataset matrices: ``CyxPi = Cyx Pi``, ``CxxPi = Cxx Pi``, ``NoisePi = Cxx^{1/2} Pi / sqrt(n)``."""
     k, d = CyxPi.shape[-2], CxxPi.shape[-2]
     z = _normals(_keys(root, "soft_label", datasets, particles), (k, d), CxxPi.dtype)
-    # (per-particle products rounded alike at any batch shape: see lg.row_times)
     return alpha * CyxPi[:, None] + (1 - alpha) * (
-        lg.row_times(teacher, CxxPi[:, None]) + teacher_noise * lg.row_times(z, NoisePi[:, None]))
+        jnp.einsum("epkd,edr->epkr", teacher, CxxPi, precision=HIGHEST)
+        + teacher_noise * jnp.einsum("epkd,edr->epkr", z, NoisePi, precision=HIGHEST))
 
 
 @partial(jax.jit, static_argnames=("num_steps", "shared_B", "girsanov"))

@@ -61,7 +61,7 @@ def run_populations(config: SimConfig | Mapping[str, Any], progress: bool | None
     """
     cfg = _as_config(config)
     res = resolve(cfg)
-    st, nm = res.static, res.numeric
+    st = res.static
     memory.check(res, evaluate=False)
     chunks = -(-st.num_particles // st.particle_chunk)
     steps = (st.teacher_steps + st.student_steps * (2 if res.scratch else 1)) * chunks
@@ -73,10 +73,9 @@ def _run(cfg: SimConfig, res: Resolved, bar: Progress) -> Run:
     """Draw the data, then train the population chunk by chunk of particles.
 
     Every draw is keyed by global dataset and particle index, so a chunked run draws
-    exactly the numbers of an unchunked one; the linear engine rounds every particle
-    alike at any batch shape (bit-identical), MLP layers are batched matmuls that XLA
-    may round by shape (last bit). Only ``num_datasets x particle_chunk`` chains are on
-    the device at a time. Under multi-host JAX each process trains its share of
+    exactly the numbers of an unchunked one (its arithmetic can differ in the last bit:
+    XLA vectorises a batch by its shape); only ``num_datasets x particle_chunk`` chains
+    are on the device at a time. Under multi-host JAX each process trains its share of
     the datasets (or particles) and the shares are gathered on every process.
     """
     st, nm = res.static, res.numeric

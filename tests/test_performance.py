@@ -24,22 +24,26 @@ def _pops(cfg):
 
 
 def test_particle_chunks_give_the_same_populations():
-    """Draws are keyed by global particle index and every per-particle product is rounded
-    alike at any batch shape: chunking (a padded last chunk included) changes nothing."""
+    """Draws are keyed by global particle index: chunking (a padded last chunk included)
+    changes only how many chains are on the device at once. XLA vectorises a batch by
+    its shape, so float32 arithmetic may differ in the last bit, never more; the same
+    chunking is bit-identical run to run."""
     whole, chunked = _pops(SMALL), _pops({**SMALL, "particle_chunk": 4})
-    assert whole.student_sub is not None and whole.scratch is not None
-    for name in ("teacher", "student", "student_sub", "scratch", "girsanov", "diverged_T",
-                 "diverged_S", "diverged_step_T"):
+    assert whole.student_sub is not None
+    for name in ("teacher", "student", "student_sub", "scratch", "girsanov"):
         if getattr(whole, name) is None:
             assert getattr(chunked, name) is None, name
             continue
+        np.testing.assert_allclose(getattr(chunked, name), getattr(whole, name), rtol=2e-6, atol=1e-7,
+                                   err_msg=name)
+    for name in ("diverged_T", "diverged_S", "diverged_step_T"):
         np.testing.assert_array_equal(getattr(chunked, name), getattr(whole, name), err_msg=name)
+    again = _pops({**SMALL, "particle_chunk": 4})
+    np.testing.assert_array_equal(again.student, chunked.student)
     assert chunked.teacher.shape == whole.teacher.shape
 
 
 def test_particle_chunks_in_an_mlp_task():
-    """MLP layers are batched matmuls: XLA may round them differently by batch shape
-    (last bit), never more."""
     cfg = {"task": {"name": "mlp_regression", "d": 3, "k": 1, "n": 8, "n_test": 8},
            "teacher": {"num_steps": 20, "model": {"width": 4}}, "student": {"langevin": {"num_steps": 10},
                                                                           "model": {"width": 3}},
@@ -130,9 +134,9 @@ SPREAD = [{**SMALL, "num_datasets": 4},                                  # datas
 
 
 def test_population_spread_over_four_devices(tmp_path):
-    """Split over datasets: states bit-identical to one device. Split over particles:
-    the same draws, but the partitioned program may contract a multiply-add differently
-    (last-bit float32 differences); in float64 every estimate agrees within 1e-12."""
+    """Split over datasets: bit-identical to one device. Split over particles (and
+    chunked): the same draws, float32 arithmetic of a differently shaped batch (last-bit
+    differences); in float64 every estimate agrees within 1e-12 relative."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu", "CI": "1"}
     subprocess.run([sys.executable, "-c", _CHILD, json.dumps(SPREAD), str(tmp_path)], env=env,

@@ -120,18 +120,7 @@ def quadratic_grad(W: jax.Array, C: jax.Array, B: jax.Array) -> jax.Array:
 
     Shapes: W ``(k, p)``, C ``(p, p)``, B ``(k, p)``.
     """
-    return row_times(W, C) - B
-
-
-def row_times(W: jax.Array, M: jax.Array) -> jax.Array:
-    """``W @ M`` written as a product and a sum over the contracted axis.
-
-    Vmapped over particles, a matmul becomes one batched dot whose float32 rounding XLA
-    chooses by the batch's shape; this reduction rounds every particle the same way at
-    any batch size, so chunked and device-split runs are bit-identical to a plain run.
-    Shapes: W ``(..., k, p)``, M ``(..., p, q)`` -> ``(..., k, q)``.
-    """
-    return jnp.sum(W[..., :, :, None] * M[..., None, :, :], axis=-2)
+    return W @ C - B
 
 
 def empirical_risk(W: jax.Array, Cxx: jax.Array, Cyx: jax.Array, Cyy: jax.Array) -> jax.Array:
