@@ -366,6 +366,14 @@ def _kl_for_bounds(run, cols) -> tuple[np.ndarray, np.ndarray, str]:
     return cols[f"kl_{name}"], cols[f"kl_{name}_se"], ""
 
 
+def b1_lam_max(cgf, c_lam: float) -> float:
+    """B1's lambda range: ``c_lam / kappa_max`` for an exact CGF (sub-exponential upper
+    tail; inf when it is sub-Gaussian everywhere), the empirical CGF's usable range else."""
+    if cgf.kind == "exact":
+        return c_lam / cgf.kappa_max if cgf.kappa_max > 0 else math.inf
+    return cgf.lam_sup
+
+
 class BoundInputs(NamedTuple):
     """What the bounds of one loss need, per dataset (leading axis E)."""
 
@@ -437,10 +445,7 @@ def bound_columns(inp: BoundInputs, suffix: str = "", prefix: str = ""):
             b1, lam_b1 = bounds.subgaussian_excess(kl_e, sigma2, lam_max)
             b1_holds = True                      # Hoeffding: a bounded loss is sub-Gaussian
         else:
-            if fit_cgf.kind == "exact":
-                lam_max = inp.c_lam / fit_cgf.kappa_max if fit_cgf.kappa_max > 0 else math.inf
-            else:
-                lam_max = fit_cgf.lam_sup
+            lam_max = b1_lam_max(fit_cgf, inp.c_lam)
             b1, lam_b1, sigma2 = bounds.subgaussian_bound(kl_e, fit_cgf, lam_max)
             b1_holds = None if check is None else bounds.subgaussian_holds(check, sigma2, lam_max)
         out[sfx("sigma_B1")][e], out[sfx("lam_max")][e] = math.sqrt(sigma2), lam_max
@@ -540,10 +545,7 @@ def _pooled_bounds(inp: BoundInputs, cgfs: list, idx: np.ndarray, suffix: str,
         lam_max = math.inf
         b1, lam_b1 = bounds.subgaussian_excess(K_n, inp.sigma_bounded**2, lam_max)
     else:
-        if cg.kind == "exact":
-            lam_max = inp.c_lam / cg.kappa_max if cg.kappa_max > 0 else math.inf
-        else:
-            lam_max = cg.lam_sup
+        lam_max = b1_lam_max(cg, inp.c_lam)
         b1, lam_b1, _ = bounds.subgaussian_bound(K_n, cg, lam_max)
     b0u, _ = bounds.dv_excess(K_n, cg, +1, candidates=(lam_b1,))
     b0l, _ = bounds.dv_excess(K_n, cg, -1, candidates=cg.grid(-1))
