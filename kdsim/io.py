@@ -123,17 +123,23 @@ def save_result(result: Result, path: str | os.PathLike[str]) -> str:
     return path
 
 
+def read_json(path: str, error: type[Exception], missing: str) -> Any:
+    """A JSON file's content; ``error(missing)`` if absent, ``error`` naming the file if it
+    is not valid UTF-8 JSON (truncated, edited, binary)."""
+    try:
+        with open(path, "rb") as fh:
+            return json.loads(fh.read().decode())
+    except FileNotFoundError:
+        raise error(missing) from None
+    except (ValueError, UnicodeDecodeError) as err:
+        raise error(f"{path} is corrupted ({err})") from None
+
+
 def load_result(path: str | os.PathLike[str]) -> Result:
     """Load a folder written by :meth:`Result.save`; verify schema, checksum and config hash."""
     path = os.fspath(path)
     jpath, npath = os.path.join(path, JSON_NAME), os.path.join(path, NPZ_NAME)
-    try:
-        with open(jpath, "rb") as fh:
-            header = json.loads(fh.read().decode())
-    except FileNotFoundError:
-        raise ResultFileError(f"no result in {path!r}: {JSON_NAME} is missing") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise ResultFileError(f"{jpath} is corrupted ({err})") from None
+    header = read_json(jpath, ResultFileError, f"no result in {path!r}: {JSON_NAME} is missing")
     schema = header.get("schema") if isinstance(header, dict) else None
     if schema != SCHEMA:
         raise ResultFileError(f"{jpath} has schema {schema!r}; this kdsim reads {SCHEMA!r}")

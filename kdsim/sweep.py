@@ -99,13 +99,7 @@ def _write_manifest(out: str, config: SimConfig, grid: Mapping[str, Sequence[Any
 
 def read_manifest(out: str | os.PathLike[str]) -> dict:
     path = os.path.join(os.fspath(out), MANIFEST)
-    try:
-        with open(path, "rb") as fh:
-            manifest = json.loads(fh.read().decode())
-    except FileNotFoundError:
-        raise SweepError(f"no sweep in {os.fspath(out)!r}: {MANIFEST} is missing") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise SweepError(f"{path} is corrupted ({err})") from None
+    manifest = io.read_json(path, SweepError, f"no sweep in {os.fspath(out)!r}: {MANIFEST} is missing")
     if not isinstance(manifest, dict) or manifest.get("schema") != SCHEMA:
         raise SweepError(f"{path} has schema {manifest.get('schema') if isinstance(manifest, dict) else None!r}; "
                          f"this kdsim reads {SCHEMA!r}")
