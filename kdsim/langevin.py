@@ -180,6 +180,11 @@ def run_population(kernel: LangevinKernel, keys: jax.Array, state: LangevinState
         step_keys = jax.vmap(lambda k: streams.step_key(k, t))(flat_keys)
         noise = jax.vmap(lambda k: gaussian_like(k, template))(step_keys)
         noise = jax.tree_util.tree_map(lambda x: x.reshape((E, P) + x.shape[1:]), noise)
+        # The normals are materialised before the update reads them: fused into the
+        # update, their float32 arithmetic (and where XLA contracts it into FMAs) would
+        # depend on how XLA fuses a batch of that shape, and a population split over
+        # devices would no longer be bit-identical. Costs nothing measurable on a CPU.
+        noise = jax.lax.optimization_barrier(noise)
         new, info = update(st, noise, t, batch, particle_batch)
         if accumulate is not None:
             acc = acc_fn(acc, st, info, batch, particle_batch)

@@ -35,7 +35,6 @@ from .progress import NullProgress, Progress, segments
 from .tasks import linear_gaussian as lg
 from .tasks import mlp as mlp_task
 
-HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class Populations(NamedTuple):
@@ -87,8 +86,19 @@ def _normals(keys: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
     return draws.reshape((E, P) + tuple(shape))
 
 
+def _chain_sum(x: jax.Array) -> jax.Array:
+    """Sum of ONE particle's array in a fixed order, axis by axis (see lg.chain_matmul:
+    XLA's reduction kernels pick their order by the batch's shape)."""
+    for _ in range(x.ndim):
+        acc = x[..., 0]
+        for j in range(1, x.shape[-1]):
+            acc = acc + x[..., j]
+        x = acc
+    return x
+
+
 def _sq_norm(tree) -> jax.Array:
-    return sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(tree))
+    return sum(_chain_sum(x * x) for x in jax.tree_util.tree_leaves(tree))
 
 
 def _segment(p: LangevinNumeric, grad_energy: Callable, state, acc, keys_noise: jax.Array,
@@ -167,9 +177,10 @@ def _linear_targets(root, datasets, particles, teacher, CyxPi, CxxPi, NoisePi, a
     Per-dataset matrices: ``CyxPi = Cyx Pi``, ``CxxPi = Cxx Pi``, ``NoisePi = Cxx^{1/2} Pi / sqrt(n)``."""
     k, d = CyxPi.shape[-2], CxxPi.shape[-2]
     z = _normals(_keys(root, "soft_label", datasets, particles), (k, d), CxxPi.dtype)
+    # per particle (not one einsum over the population): see lg.chain_matmul
+    per_particle = jax.vmap(jax.vmap(lg.chain_matmul, in_axes=(0, None)))
     return alpha * CyxPi[:, None] + (1 - alpha) * (
-        jnp.einsum("epkd,edr->epkr", teacher, CxxPi, precision=HIGHEST)
-        + teacher_noise * jnp.einsum("epkd,edr->epkr", z, NoisePi, precision=HIGHEST))
+        per_particle(teacher, CxxPi) + teacher_noise * per_particle(z, NoisePi))
 
 
 @partial(jax.jit, static_argnames=("num_steps", "shared_B", "girsanov"))
@@ -179,12 +190,15 @@ def _linear_segment(state, acc, start, keys_noise, C, B, Cxx, Cyx, p: LangevinNu
     own coordinates V). With ``girsanov`` (full student, Pi = I) the teacher's energy
     gradient ``gamma_T (W Cxx - Cyx) + W / s0_T^2`` is compared along the run."""
     grad = _linear_grad(p)
-    energy = grad
-    if girsanov:
-        def energy(w, data, target):
-            g = grad(w, data, target)
-            g_T = p_T.gamma * lg.quadratic_grad(w, data[2], data[3]) + w / p_T.prior_scale**2
-            return g, g - g_T
+
+    def with_teacher(w, data, target):
+        g = grad(w, data, target)
+        g_T = p_T.gamma * lg.quadratic_grad(w, data[2], data[3]) + w / p_T.prior_scale**2
+        # materialised once: the update and the Girsanov sum both read them, and XLA
+        # would otherwise pull the elementwise chains into the sum's reduction kernel
+        return jax.lax.optimization_barrier((g, g - g_T))
+
+    energy = with_teacher if girsanov else grad
     data = (C, B if shared_B else None, Cxx, Cyx)
     return _segment(p, energy, state, acc, keys_noise, start, num_steps, data,
                     None if shared_B else B, girsanov)

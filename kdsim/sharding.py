@@ -5,9 +5,11 @@ is independent, so the population splits over devices without communication: the
 dataset axis when ``E`` divides evenly, else the particle axis. Per-dataset data follow
 the population (split with it over datasets, replicated over particles). ``jax.jit``
 propagates the layout through every compiled segment. Each particle's draws never
-change; split over datasets, results are bit-identical to a single-device run; split
-over particles, float32 arithmetic can differ in the last bit (XLA vectorises a batch
-by its shape).
+change. Split over datasets, results are bit-identical to a single-device run. Split
+over particles, linear-task states are bit-identical too (the engine's products are
+per-particle chains, :func:`kdsim.tasks.linear_gaussian.chain_matmul`); an MLP's
+float32 arithmetic can differ in the last bit (XLA compiles its reductions over the
+data per batch shape).
 
 On a CPU, JAX shows one device unless asked for more before it starts; kdsim's CLI and
 benchmarks ask for one per core (:func:`cpu_device_flags`), notebooks can set

@@ -73,8 +73,8 @@ def _run(cfg: SimConfig, res: Resolved, bar: Progress) -> Run:
     """Draw the data, then train the population chunk by chunk of particles.
 
     Every draw is keyed by global dataset and particle index, so a chunked run draws
-    exactly the numbers of an unchunked one (its arithmetic can differ in the last bit:
-    XLA vectorises a batch by its shape); only ``num_datasets x particle_chunk`` chains
+    exactly the numbers of an unchunked one (linear states are bit-identical, an MLP's
+    can differ in the last float32 bit: XLA compiles its reductions per batch shape); only ``num_datasets x particle_chunk`` chains
     are on the device at a time. Under multi-host JAX each process trains its share of
     the datasets (or particles) and the shares are gathered on every process.
     """

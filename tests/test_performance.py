@@ -13,10 +13,13 @@ import pytest
 
 import kdsim
 from kdsim import memory, populations
+from kdsim.tasks import linear_gaussian as lg
 from kdsim.config import ConfigError, SimConfig, resolve
 
 SMALL = {"task": {"d": 4, "k": 2, "n": 32}, "teacher": {"num_steps": 60},
          "student": {"langevin": {"num_steps": 40}}, "num_datasets": 2, "num_particles": 10}
+# the student runs as long as the teacher: the Girsanov sum applies
+SMALL_G = {**SMALL, "student": {"langevin": {"num_steps": 60}}}
 
 
 def _pops(cfg):
@@ -24,26 +27,23 @@ def _pops(cfg):
 
 
 def test_particle_chunks_give_the_same_populations():
-    """Draws are keyed by global particle index: chunking (a padded last chunk included)
-    changes only how many chains are on the device at once. XLA vectorises a batch by
-    its shape, so float32 arithmetic may differ in the last bit, never more; the same
-    chunking is bit-identical run to run."""
-    whole, chunked = _pops(SMALL), _pops({**SMALL, "particle_chunk": 4})
-    assert whole.student_sub is not None
-    for name in ("teacher", "student", "student_sub", "scratch", "girsanov"):
-        if getattr(whole, name) is None:
-            assert getattr(chunked, name) is None, name
-            continue
-        np.testing.assert_allclose(getattr(chunked, name), getattr(whole, name), rtol=2e-6, atol=1e-7,
-                                   err_msg=name)
-    for name in ("diverged_T", "diverged_S", "diverged_step_T"):
+    """Draws are keyed by global particle index, and a linear chain's arithmetic does not
+    depend on how many chains share the batch: chunking (a padded last chunk included)
+    gives bit-identical states and Girsanov sums."""
+    whole, chunked = _pops(SMALL_G), _pops({**SMALL_G, "particle_chunk": 4})
+    assert whole.student_sub is not None and whole.scratch is not None
+    assert whole.girsanov is not None
+    for name in ("teacher", "student", "student_sub", "scratch", "girsanov", "diverged_T",
+                 "diverged_S", "diverged_step_T"):
         np.testing.assert_array_equal(getattr(chunked, name), getattr(whole, name), err_msg=name)
-    again = _pops({**SMALL, "particle_chunk": 4})
+    again = _pops({**SMALL_G, "particle_chunk": 4})
     np.testing.assert_array_equal(again.student, chunked.student)
     assert chunked.teacher.shape == whole.teacher.shape
 
 
 def test_particle_chunks_in_an_mlp_task():
+    """The same draws; an MLP's float32 arithmetic may differ in the last bit, because XLA
+    compiles its reductions over the data (the bias gradients) per batch shape."""
     cfg = {"task": {"name": "mlp_regression", "d": 3, "k": 1, "n": 8, "n_test": 8},
            "teacher": {"num_steps": 20, "model": {"width": 4}}, "student": {"langevin": {"num_steps": 10},
                                                                           "model": {"width": 3}},
@@ -124,19 +124,19 @@ for i, cfg in enumerate(json.loads(sys.argv[1])):
     np.savez(f"{sys.argv[2]}/per_dataset_{i}.npz", **{c: res.per_dataset[c].to_numpy(float)
              for c in ("gen_T", "gen_S", "gen_T_se", "kl_gaussian_diag", "B0_upper", "F_B0_upper")})
     np.savez(f"{sys.argv[2]}/pops_{i}.npz", T=run.populations.teacher, S=run.populations.student,
-             n=jax.local_device_count())
+             G=run.populations.girsanov, n=jax.local_device_count())
 """
 
-SPREAD = [{**SMALL, "num_datasets": 4},                                  # datasets split
-          {**SMALL, "num_datasets": 3, "num_particles": 12},             # particles split
-          {**SMALL, "num_datasets": 3, "num_particles": 12, "dtype": "float64",
+SPREAD = [{**SMALL_G, "num_datasets": 4},                                # datasets split
+          {**SMALL_G, "num_datasets": 3, "num_particles": 12},           # particles split (3 a device)
+          {**SMALL_G, "num_datasets": 3, "num_particles": 12, "dtype": "float64",
            "particle_chunk": 8}]                                         # + chunks, float64
 
 
 def test_population_spread_over_four_devices(tmp_path):
-    """Split over datasets: bit-identical to one device. Split over particles (and
-    chunked): the same draws, float32 arithmetic of a differently shaped batch (last-bit
-    differences); in float64 every estimate agrees within 1e-12 relative."""
+    """Split over datasets or over particles (and chunked), the states are bit-identical
+    to one device: the same draws, and per-chain arithmetic that does not depend on the
+    batch. In float64 every estimate agrees within 1e-12 relative."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu", "CI": "1"}
     subprocess.run([sys.executable, "-c", _CHILD, json.dumps(SPREAD), str(tmp_path)], env=env,
@@ -144,12 +144,9 @@ def test_population_spread_over_four_devices(tmp_path):
     for i, cfg in enumerate(SPREAD):
         four, one = np.load(tmp_path / f"pops_{i}.npz"), _pops(cfg)
         assert int(four["n"]) == 4
-        if i == 0:
-            np.testing.assert_array_equal(four["T"], one.teacher)
-            np.testing.assert_array_equal(four["S"], one.student)
-        else:
-            np.testing.assert_allclose(four["T"], one.teacher, rtol=2e-6, atol=1e-7)
-            np.testing.assert_allclose(four["S"], one.student, rtol=2e-6, atol=1e-7)
+        np.testing.assert_array_equal(four["T"], one.teacher)
+        np.testing.assert_array_equal(four["S"], one.student)
+        np.testing.assert_array_equal(four["G"], one.girsanov)
         if cfg.get("dtype") == "float64":
             multi = np.load(tmp_path / f"per_dataset_{i}.npz")
             single = kdsim.simulate(cfg).per_dataset
@@ -167,3 +164,26 @@ def test_layout_chooses_the_axis_that_divides():
     assert env["XLA_FLAGS"].startswith("--xla_force_host_platform_device_count=")
     sharding.cpu_device_flags(env)                       # idempotent
     assert env["XLA_FLAGS"].count("device_count") == 1
+
+
+@pytest.mark.parametrize("p", [1, 3, 32, lg.CHAIN_MAX_DIM + 1])
+def test_chain_matmul_is_the_matmul_and_does_not_depend_on_the_batch(p):
+    """The engine's linear products: W @ C to float64 rounding, and each particle's
+    float32 result the same whether it is computed alone, in a small batch or in a large
+    one (where a library matmul's order changes with the batch; beyond CHAIN_MAX_DIM the
+    engine uses that matmul and only the value is checked)."""
+    rng = np.random.default_rng(p)
+    W, C = rng.normal(size=(300, 4, p)), rng.normal(size=(p, 5))
+    with jax.enable_x64(True):
+        got = jax.vmap(lg.chain_matmul, in_axes=(0, None))(jnp.asarray(W), jnp.asarray(C))
+    np.testing.assert_allclose(got, W @ C, rtol=1e-12, atol=1e-12 * np.abs(W @ C).max())
+    if p > lg.CHAIN_MAX_DIM:
+        return
+    W32, C32 = jnp.asarray(W, jnp.float32), jnp.asarray(C, jnp.float32)
+    batched = jax.jit(jax.vmap(lg.chain_matmul, in_axes=(0, None)))
+    whole = np.asarray(batched(W32, C32))
+    for lo, hi in [(0, 1), (7, 10), (100, 300)]:
+        np.testing.assert_array_equal(np.asarray(batched(W32[lo:hi], C32)), whole[lo:hi])
+    s = jax.jit(jax.vmap(populations._chain_sum))(W32)
+    np.testing.assert_allclose(s, W.astype(np.float32).sum(axis=(1, 2)), rtol=1e-5, atol=1e-4)
+    np.testing.assert_array_equal(jax.jit(jax.vmap(populations._chain_sum))(W32[5:9]), s[5:9])
