@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import numpy as np
 
+from . import populations
 from .config import ConfigError, SimConfig
 
 
@@ -72,9 +73,7 @@ def gather_populations(local, share: Share):
             raise RuntimeError(f"gathering changed {x.dtype} to {full.dtype}")
         return np.concatenate(list(full), axis=share.axis)    # (processes, ...) -> joined
 
-    fields = {name: jax.tree_util.tree_map(gather, getattr(local, name))
-              for name in local._fields if name != "seconds"}
-    return type(local)(**fields, seconds=dict(local.seconds))
+    return type(local)(**populations.map_arrays(gather, local), seconds=dict(local.seconds))
 
 
 def _run_point_task(out: str, index: int, values: Mapping[str, Any], config: Mapping[str, Any]) -> int:

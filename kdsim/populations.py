@@ -57,17 +57,23 @@ class Populations(NamedTuple):
     seconds: dict                 # wall time of each phase
 
 
+def map_arrays(fn: Callable, *pops: Populations) -> dict:
+    """``{field: fn(*arrays)}`` over the array fields of populations, leaf by leaf for
+    MLP parameter pytrees; a field that is None stays None. (``seconds`` is left out.)"""
+    fields = {}
+    for name in Populations._fields:
+        if name == "seconds":
+            continue
+        values = [getattr(p, name) for p in pops]
+        fields[name] = None if values[0] is None else jax.tree_util.tree_map(fn, *values)
+    return fields
+
+
 def concatenate(parts: list[Populations], num_particles: int) -> Populations:
     """Join populations trained on consecutive particle chunks (along the particle axis),
     keeping the first ``num_particles`` (a padded last chunk is cut)."""
-    def cat(*xs):
-        if xs[0] is None:
-            return None
-        return jax.tree_util.tree_map(
-            lambda *a: np.concatenate([np.asarray(x) for x in a], axis=1)[:, :num_particles], *xs)
-
-    fields = {name: cat(*(getattr(p, name) for p in parts))
-              for name in Populations._fields if name != "seconds"}
+    fields = map_arrays(
+        lambda *a: np.concatenate([np.asarray(x) for x in a], axis=1)[:, :num_particles], *parts)
     seconds = {}
     for p in parts:
         for k, v in p.seconds.items():
