@@ -2,7 +2,8 @@
 
 In ONE process and ONE run, on the same model, data and number of steps, it measures
 particle-steps per second (one particle advanced one step; compilation timed apart,
-median of repeats, ``block_until_ready``) and memory of:
+median of repeats interleaved across the implementations of a row group,
+``block_until_ready``) and memory of:
 
 - ``kdsim engine``: kdsim's population engine (``kdsim.run_populations``, teacher phase);
 - ``kdsim simulate``: a whole ``kdsim.simulate`` (engine, scratch student, estimators,
@@ -35,6 +36,7 @@ import resource
 import statistics
 import sys
 import time
+from typing import Callable
 from functools import partial
 
 import jax
@@ -53,19 +55,34 @@ LINEAR = dict(d=32, k=4, n=256)
 MLP = dict(d=8, k=2, n=64, width=64)
 
 
-def _median_rate(fn, work: float, repeats: int) -> tuple[float, float, float]:
-    """(median particle-steps/s, relative spread of the repeats, compile+first seconds)."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn())
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(repeats):
+def _median_rates(runs: list[tuple[Callable, float]], repeats: int) -> list[tuple[float, float, float]]:
+    """For each ``(fn, work)``: (median particle-steps/s, relative spread of the repeats,
+    compile+first seconds).
+
+    The repeats are interleaved (A B C, A B C, ...), so a slow spell of a shared machine
+    falls on every implementation alike instead of on whichever ran through it: the
+    ratios are then steadier than the rates.
+    """
+    first = []
+    for fn, _ in runs:
         t0 = time.perf_counter()
         jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
-    spread = (max(times) - min(times)) / med if len(times) > 1 else 0.0
-    return work / med, spread, first
+        first.append(time.perf_counter() - t0)
+    times = [[] for _ in runs]
+    for _ in range(repeats):
+        for (fn, _), ts in zip(runs, times):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            ts.append(time.perf_counter() - t0)
+    out = []
+    for (_, work), ts, c in zip(runs, times, first):
+        med = statistics.median(ts)
+        out.append((work / med, (max(ts) - min(ts)) / med if len(ts) > 1 else 0.0, c))
+    return out
+
+
+def _median_rate(fn, work: float, repeats: int) -> tuple[float, float, float]:
+    return _median_rates([(fn, work)], repeats)[0]
 
 
 def _xla_bytes(jitted, *args, **kwargs) -> float:
@@ -166,12 +183,10 @@ def bench_linear(sizes, steps, repeats, have_blackjax, rows):
         Cxx, Cyx = X.T @ X / prob["n"], Y.T @ X / prob["n"]
         gamma, h = prob["gamma"], prob["h"]
         work = P * steps
-        local = []
+        runs = []            # (impl, fn, work, bytes), measured together below
 
-        def measure(impl, fn, nbytes, work=work, reps=repeats):
-            r, s, c = _median_rate(fn, work, reps)
-            local.append(dict(task="linear", particles=P, steps=steps, impl=impl, rate=r, spread=s,
-                              compile_s=c, bytes=nbytes))
+        def measure(impl, fn, nbytes, work=work):
+            runs.append((impl, fn, work, nbytes))
 
         measure("minimal JAX", lambda: minimal_linear(key, W0, X, Y, gamma, h, steps=steps),
                 _xla_bytes(minimal_linear, key, W0, X, Y, gamma, h, steps=steps))
@@ -189,7 +204,10 @@ def bench_linear(sizes, steps, repeats, have_blackjax, rows):
             rng = np.random.default_rng(0)
             np_steps = max(10, steps // 10)
             measure("NumPy batched", lambda: numpy_linear(prob, np_steps, rng), float("nan"),
-                    work=P * np_steps, reps=max(1, repeats - 1))
+                    work=P * np_steps)
+        rates = _median_rates([(fn, w) for _, fn, w, _ in runs], repeats)
+        local = [dict(task="linear", particles=P, steps=steps, impl=impl, rate=r, spread=s,
+                      compile_s=c, bytes=nbytes) for (impl, _, _, nbytes), (r, s, c) in zip(runs, rates)]
         for row in local:
             row["ratio"] = row["rate"] / local[0]["rate"]
         rows.extend(local)
@@ -257,10 +275,8 @@ def bench_mlp(sizes, steps, repeats, have_blackjax, rows):
 
             return jax.lax.scan(body, w, jax.random.split(key, steps))[0]
 
-        r, s, c = _median_rate(lambda: minimal(jax.random.key(0), w0), work, repeats)
-        ref = r
-        rows.append({**base, "impl": "minimal JAX", "rate": r, "spread": s, "compile_s": c,
-                     "bytes": _xla_bytes(minimal, jax.random.key(0), w0), "ratio": 1.0})
+        runs = [("minimal JAX", lambda: minimal(jax.random.key(0), w0),
+                 _xla_bytes(minimal, jax.random.key(0), w0))]
         if have_blackjax:
             import blackjax
             sgld = blackjax.sgld(lambda w, batch: jax.tree_util.tree_map(jnp.negative, jax.grad(energy)(w)))
@@ -272,19 +288,20 @@ def bench_mlp(sizes, steps, repeats, have_blackjax, rows):
                     return jax.vmap(lambda k_, x: sgld.step(k_, x, None, h))(keys, w), None
                 return jax.lax.scan(body, w, jax.random.split(key, steps))[0]
 
-            r, s, c = _median_rate(lambda: bj(jax.random.key(0), w0), work, repeats)
-            rows.append({**base, "impl": "BlackJAX sgld", "rate": r, "spread": s, "compile_s": c,
-                         "bytes": _xla_bytes(bj, jax.random.key(0), w0), "ratio": r / ref})
+            runs.append(("BlackJAX sgld", lambda: bj(jax.random.key(0), w0),
+                         _xla_bytes(bj, jax.random.key(0), w0)))
         cfg = {"task": {"name": "mlp_regression", "d": MLP["d"], "k": MLP["k"], "n": MLP["n"],
                         "n_test": 16},
                "teacher": {"num_steps": steps, "model": {"width": MLP["width"]}, "gamma": float(gamma)},
                "student": {"langevin": {"num_steps": 0}},
                "estimators": {"scratch": False, "girsanov": False},
                "num_datasets": 1, "num_particles": P}
-        r, s, c = _median_rate(lambda: kdsim.run_populations(cfg, progress=False).populations.teacher,
-                               work, repeats)
-        rows.append({**base, "impl": "kdsim engine", "rate": r, "spread": s, "compile_s": c,
-                     "bytes": float("nan"), "ratio": r / ref})
+        runs.append(("kdsim engine", lambda: kdsim.run_populations(cfg, progress=False).populations.teacher,
+                     float("nan")))
+        rates = _median_rates([(fn, work) for _, fn, _ in runs], repeats)
+        for (impl, _, nbytes), (r, s, c) in zip(runs, rates):
+            rows.append({**base, "impl": impl, "rate": r, "spread": s, "compile_s": c,
+                         "bytes": nbytes, "ratio": r / rates[0][0]})
         _print_rows(rows, P, "mlp_regression")
 
 
@@ -295,14 +312,13 @@ def bench_simulate(repeats, have_blackjax, rows):
     res = kdsim.config.resolve(cfg)
     st = res.static
     work = st.num_datasets * st.num_particles * (st.teacher_steps + 2 * st.student_steps)
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    r, s, c = _median_rate(lambda: kdsim.simulate(cfg, progress=False).per_dataset["gen_S"].to_numpy(),
-                           work, max(1, repeats - 1))
-    rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024.0
     P = st.num_datasets * st.num_particles
     base = dict(task="linear default simulate", particles=P, steps=st.teacher_steps + 2 * st.student_steps)
-    rows.append({**base, "impl": "kdsim simulate", "rate": r, "spread": s, "compile_s": c,
-                 "bytes": rss, "ratio": float("nan")})
+    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    (r, s, c), = _median_rates(
+        [(lambda: kdsim.simulate(cfg, progress=False).per_dataset["gen_S"].to_numpy(), work)], 1)
+    first = c
+    rss = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024.0
     if have_blackjax:
         prob = dict(linear_problem(P, n=st.n, d=st.d, k=st.k))
         prob["gamma"], prob["h"] = np.float32(res.numeric.teacher.gamma), np.float32(res.numeric.teacher.step_size)
@@ -310,8 +326,14 @@ def bench_simulate(repeats, have_blackjax, rows):
         run = blackjax_linear(steps)
         X, Y = jnp.asarray(prob["X"]), jnp.asarray(prob["Y"])
         W0 = jnp.zeros((P, st.k, st.d), jnp.float32)
-        rb, sb, cb = _median_rate(lambda: run(jax.random.key(0), W0, X, Y, prob["gamma"], prob["h"]),
-                                  P * steps, repeats)
+        # measured together, repeats interleaved (the simulate's peak memory was taken above)
+        (r, s, _), (rb, sb, cb) = _median_rates(
+            [(lambda: kdsim.simulate(cfg, progress=False).per_dataset["gen_S"].to_numpy(), work),
+             (lambda: run(jax.random.key(0), W0, X, Y, prob["gamma"], prob["h"]), P * steps)],
+            max(2, repeats - 1))
+    rows.append({**base, "impl": "kdsim simulate", "rate": r, "spread": s, "compile_s": first,
+                 "bytes": rss, "ratio": float("nan")})
+    if have_blackjax:
         rows.append({**base, "impl": "BlackJAX sgld", "rate": rb, "spread": sb, "compile_s": cb,
                      "bytes": _xla_bytes(run, jax.random.key(0), W0, X, Y, prob["gamma"], prob["h"]),
                      "ratio": float("nan")})
@@ -391,7 +413,8 @@ def markdown(result: dict) -> str:
     lines = [f"# Throughput ({m['device']}, {m['platform']})", "",
              f"{m['cpu_count']} CPUs, {m['machine']}, Python {m['python']}, JAX {m['jax']}, "
              f"kdsim {m['kdsim']}, {m['date']}. Particle-steps per second (one particle advanced "
-             "one step), median of repeats after a compiling first call; `x minimal` = ratio to "
+             "one step), median of repeats (interleaved across the implementations of a row group) "
+             "after a compiling first call; `x minimal` = ratio to "
              "the in-run minimal JAX kernel (data-gradient) of the same task and size; memory = "
              "XLA's estimate for the compiled program (arguments + outputs + temporaries), or "
              "the process RSS growth for a whole simulate.", "",
@@ -531,7 +554,10 @@ def main() -> int:
         bench_million(million)
     for r in rows:
         r.pop("_printed", None)
-    result = {"machine": machine(), "args": " ".join(sys.argv[1:]), "rows": rows,
+    # what reproduces the numbers (where a result was written or compared is not part of it)
+    measured = [a for a, prev in zip(sys.argv[1:], [""] + sys.argv[1:])
+                if a not in ("--compare", "--out") and prev not in ("--compare", "--out")]
+    result = {"machine": machine(), "args": " ".join(measured), "rows": rows,
               "n_scaling": n_rows, "million": million, "precision": precision}
     plat = "gpu" if gpu else "cpu"
     out = args.out or os.path.join(HERE, "results", f"throughput_{plat}{'_quick' if args.quick else ''}.json")
