@@ -35,6 +35,7 @@ from .progress import NullProgress, Progress, segments
 from .tasks import linear_gaussian as lg
 from .tasks import mlp as mlp_task
 
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class Populations(NamedTuple):
@@ -94,7 +95,11 @@ def _normals(keys: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
 
 def _chain_sum(x: jax.Array) -> jax.Array:
     """Sum of ONE particle's array in a fixed order, axis by axis (see lg.chain_matmul:
-    XLA's reduction kernels pick their order by the batch's shape)."""
+    XLA's reduction kernels pick their order by the batch's shape). Arrays larger than
+    CHAIN_MAX_DIM^2 (wide MLP layers, not bit-identical across batches anyway) use
+    ``jnp.sum``, which keeps the compiled program small."""
+    if x.size > lg.CHAIN_MAX_DIM ** 2:
+        return jnp.sum(x)
     for _ in range(x.ndim):
         acc = x[..., 0]
         for j in range(1, x.shape[-1]):
@@ -184,7 +189,7 @@ def _linear_targets(root, datasets, particles, teacher, CyxPi, CxxPi, NoisePi, a
     k, d = CyxPi.shape[-2], CxxPi.shape[-2]
     z = _normals(_keys(root, "soft_label", datasets, particles), (k, d), CxxPi.dtype)
     # per particle (not one einsum over the population): see lg.chain_matmul
-    per_particle = jax.vmap(jax.vmap(lg.chain_matmul, in_axes=(0, None)))
+    per_particle = jax.vmap(jax.vmap(partial(lg.chain_matmul, precision=HIGHEST), in_axes=(0, None)))
     return alpha * CyxPi[:, None] + (1 - alpha) * (
         per_particle(teacher, CxxPi) + teacher_noise * per_particle(z, NoisePi))
 

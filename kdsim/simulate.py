@@ -74,8 +74,8 @@ def _run(cfg: SimConfig, res: Resolved, bar: Progress) -> Run:
 
     Every draw is keyed by global dataset and particle index, so a chunked run draws
     exactly the numbers of an unchunked one (linear states are bit-identical, an MLP's
-    can differ in the last float32 bit: XLA compiles its reductions per batch shape); only ``num_datasets x particle_chunk`` chains
-    are on the device at a time. Under multi-host JAX each process trains its share of
+    can differ in the last float32 bit: XLA compiles its reductions per batch shape);
+    only ``num_datasets x particle_chunk`` chains are on the device at a time. Under multi-host JAX each process trains its share of
     the datasets (or particles) and the shares are gathered on every process.
     """
     st, nm = res.static, res.numeric
