@@ -27,7 +27,7 @@ from typing import Any, Callable, Mapping, NamedTuple, Sequence
 import jax
 import numpy as np
 
-from . import populations
+from . import populations, sharding
 from .config import ConfigError, SimConfig
 
 
@@ -48,9 +48,10 @@ def process_share(num_datasets: int, num_particles: int, index: int | None = Non
     ds, ps = np.arange(num_datasets), np.arange(num_particles)
     if count == 1:
         return Share(ds, ps, None, 1)
-    if num_datasets % count == 0:
+    axis = sharding.split_axis(num_datasets, num_particles, count)
+    if axis == 0:
         return Share(np.array_split(ds, count)[index], ps, 0, count)
-    if num_particles % count == 0:
+    if axis == 1:
         return Share(ds, np.array_split(ps, count)[index], 1, count)
     raise ConfigError(
         f"{count} JAX processes need num_datasets ({num_datasets}) or num_particles "

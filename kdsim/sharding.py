@@ -65,16 +65,21 @@ class Layout(NamedTuple):
         return 1 if self.mesh is None else self.mesh.devices.size
 
 
+def split_axis(num_datasets: int, num_particles: int, parts: int) -> int | None:
+    """The axis an ``(E, P)`` population splits along into ``parts`` equal shares
+    (devices or processes): datasets (0) when they divide evenly, else particles (1),
+    else None."""
+    if num_datasets % parts == 0:
+        return 0
+    if num_particles % parts == 0:
+        return 1
+    return None
+
+
 def layout(num_datasets: int, num_particles: int, devices=None) -> Layout:
     """The layout of an ``(E, P)`` population over ``devices`` (default: local devices)."""
     devices = list(jax.local_devices() if devices is None else devices)
-    n = len(devices)
-    if n <= 1:
-        return Layout(None, None)
-    if num_datasets % n == 0:
-        axis = 0
-    elif num_particles % n == 0:
-        axis = 1
-    else:
+    axis = split_axis(num_datasets, num_particles, len(devices)) if len(devices) > 1 else None
+    if axis is None:
         return Layout(None, None)
     return Layout(Mesh(devices, ("pop",)), axis)

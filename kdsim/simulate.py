@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from . import distributed, memory, populations, streams
-from .config import ConfigError, Resolved, SimConfig, resolve
+from .config import ConfigError, Resolved, SimConfig, linear_curvature_estimate, resolve
 from .evaluation import linear_columns
 from .evaluation_mlp import mlp_columns
 from .progress import Progress
@@ -61,8 +61,12 @@ def run_populations(config: SimConfig | Mapping[str, Any], progress: bool | None
     """
     cfg = _as_config(config)
     res = resolve(cfg)
-    st = res.static
     memory.check(res, evaluate=False)
+    return _populations(cfg, res, progress)
+
+
+def _populations(cfg: SimConfig, res: Resolved, progress: bool | None) -> Run:
+    st = res.static
     chunks = -(-st.num_particles // st.particle_chunk)
     steps = (st.teacher_steps + st.student_steps * (2 if res.scratch else 1)) * chunks
     with Progress(steps, "kdsim run", enabled=progress_enabled(progress)) as bar:
@@ -75,8 +79,9 @@ def _run(cfg: SimConfig, res: Resolved, bar: Progress) -> Run:
     Every draw is keyed by global dataset and particle index, so a chunked run draws
     exactly the numbers of an unchunked one (linear states are bit-identical, an MLP's
     can differ in the last float32 bit: XLA compiles its reductions per batch shape);
-    only ``num_datasets x particle_chunk`` chains are on the device at a time. Under multi-host JAX each process trains its share of
-    the datasets (or particles) and the shares are gathered on every process.
+    only ``num_datasets x particle_chunk`` chains are on the device at a time. Under
+    multi-host JAX each process trains its share of the datasets (or particles) and the
+    shares are gathered on every process.
     """
     st, nm = res.static, res.numeric
     root = streams.root_key(cfg.seed)
@@ -127,9 +132,10 @@ def simulate(config: SimConfig | Mapping[str, Any], progress: bool | None = None
       ``datasets``, ``config`` and ``notes``.
     """
     t0 = time.perf_counter()
-    config = _as_config(config)
-    memory.check(resolve(config))          # the estimators' memory too, before any work
-    run = run_populations(config, progress)
+    cfg = _as_config(config)
+    res = resolve(cfg)
+    memory.check(res)                      # the estimators' memory too, before any work
+    run = _populations(cfg, res, progress)
     check_divergence(run)
     if run.resolved.static.task == "linear_gaussian":
         per_dataset, pooled, notes = linear_columns(run)
@@ -170,7 +176,6 @@ def check_divergence(run: Run) -> None:
         first = f", the first at step {int(steps[diverged].min())}" if steps is not None else ""
         hint = f"reduce {field}.step_size (now {p.step_size:.3g})"
         if res.static.task == "linear_gaussian":
-            from .config import linear_curvature_estimate
             stable = 2.0 / linear_curvature_estimate(cfg.task, p.gamma, p.prior_scale)
             hint += f"; the stability estimate is {stable:.3g}"
         raise DivergenceError(
