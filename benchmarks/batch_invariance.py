@@ -10,10 +10,11 @@ same in every batch:
 
 - ``matmul``: ``jnp.matmul`` under vmap (XLA merges the population into one matmul and
   picks its kernel, and each row's summation order, by the shape);
-- ``chain``: :func:`kdsim.tasks.linear_gaussian.chain_matmul`, the engine's
-  per-particle multiply-add chain;
+- ``chain``: :func:`kdsim.ordered.matmul`, the engine's per-particle multiply-add
+  chain;
 - ``mlp bias grad``: the gradient of an MLP's first-layer bias (a reduction over the
-  data), which the MLP engine computes through autodiff.
+  data), through autodiff (what the MLP engine did before kdsim.ordered) and through
+  the engine's fixed-order backward pass (:func:`kdsim.models.backward`).
 
 Run: ``python benchmarks/batch_invariance.py`` (writes
 ``benchmarks/results/batch_invariance.md``).
@@ -27,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdsim.tasks import linear_gaussian as lg
+from kdsim import models, ordered
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 POPULATION = 4096
@@ -52,6 +53,19 @@ def _mlp_bias_grad(n: int, d: int, width: int):
     return jax.vmap(lambda W1, b1, w2: jax.grad(loss)((W1, b1, w2))[1])
 
 
+def _mlp_bias_grad_engine(n: int, d: int, width: int):
+    """The same gradient through the engine's forward/backward passes (kdsim.models)."""
+    X = jnp.asarray(np.random.default_rng(1).normal(size=(n, d)), jnp.float32)
+
+    def grad(W1, b1, w2):
+        params = {"NTKDense_0": {"kernel": W1, "bias": b1}, "NTKDense_1": {"kernel": w2[:, None],
+                                                                            "bias": jnp.zeros((1,), w2.dtype)}}
+        f, cache = models.forward(params, X, "tanh")
+        return models.backward(params, cache, jnp.ones_like(f), "tanh")["NTKDense_0"]["bias"]
+
+    return jax.vmap(grad)
+
+
 def main() -> None:
     rng = np.random.default_rng(0)
     lines = [f"# Batch invariance of float32 per-particle arithmetic ({jax.devices()[0].device_kind}, "
@@ -66,7 +80,7 @@ def main() -> None:
         lines.append(f"| matmul (jnp, vmapped) | ({k}, {d}) @ ({d}, {d}) | "
                      f"{_invariant(jax.vmap(lambda w: w @ C), W)} |")
         lines.append(f"| chain (kdsim engine) | ({k}, {d}) @ ({d}, {d}) | "
-                     f"{_invariant(jax.vmap(lambda w: lg.chain_matmul(w, C)), W)} |")
+                     f"{_invariant(jax.vmap(lambda w: ordered.matmul(w, C)), W)} |")
     for width in (16, 64):
         n, d = 64, 8
         W1 = jnp.asarray(rng.normal(size=(POPULATION, d, width)), jnp.float32)
@@ -74,6 +88,8 @@ def main() -> None:
         w2 = jnp.asarray(rng.normal(size=(POPULATION, width)), jnp.float32)
         lines.append(f"| MLP first-layer bias gradient (autodiff) | n = {n}, d = {d}, width {width} | "
                      f"{_invariant(_mlp_bias_grad(n, d, width), W1, b1, w2)} |")
+        lines.append(f"| MLP first-layer bias gradient (kdsim engine) | n = {n}, d = {d}, width {width} | "
+                     f"{_invariant(_mlp_bias_grad_engine(n, d, width), W1, b1, w2)} |")
     text = "\n".join(lines) + "\n"
     print(text)
     out = os.path.join(HERE, "results", "batch_invariance.md")

@@ -5,7 +5,8 @@ also ``jax.config.update("jax_cpu_collectives_implementation", "gloo")``), ``sim
 gives each process an equal share of the datasets (or, when they do not divide, of the
 particles), trains it on that process's devices, and gathers the shares on every
 process; estimation then runs identically everywhere. Draws are keyed by global
-indices, so a dataset split reproduces the single-process run bit for bit.
+indices and the engine's arithmetic is per chain in a fixed order (:mod:`kdsim.ordered`),
+so either split reproduces the single-process run's states bit for bit.
 
 **Ray.** Sweep points as tasks of an existing distributed engine, no home-made scheduler.
 

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import langevin, models, sharding, streams
+from . import langevin, models, ordered, sharding, streams
 from .config import LangevinNumeric, Resolved
 from .progress import NullProgress, Progress, segments
 from .tasks import linear_gaussian as lg
@@ -93,23 +93,17 @@ def _normals(keys: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
     return draws.reshape((E, P) + tuple(shape))
 
 
-def _chain_sum(x: jax.Array) -> jax.Array:
-    """Sum of ONE particle's array in a fixed order, axis by axis (see lg.chain_matmul:
-    XLA's reduction kernels pick their order by the batch's shape). Arrays larger than
-    CHAIN_MAX_DIM^2 (wide MLP layers, not bit-identical across batches anyway) use
-    ``jnp.sum``, which keeps the compiled program small."""
-    if x.size > lg.CHAIN_MAX_DIM ** 2:
-        return jnp.sum(x)
-    for _ in range(x.ndim):
-        acc = x[..., 0]
-        for j in range(1, x.shape[-1]):
-            acc = acc + x[..., j]
-        x = acc
-    return x
-
-
 def _sq_norm(tree) -> jax.Array:
-    return sum(_chain_sum(x * x) for x in jax.tree_util.tree_leaves(tree))
+    # fixed order: a reduction kernel's order would change with the batch (kdsim.ordered)
+    return sum(ordered.total(x * x) for x in jax.tree_util.tree_leaves(tree))
+
+
+def _inverse_variance(p: LangevinNumeric) -> jax.Array:
+    """``1 / s0^2``, a scalar the gradients MULTIPLY by. Dividing an array by a traced
+    scalar instead gave last-bit differences between a one-device and a sharded
+    program (XLA rewrites such divisions differently in the two); so do tempered
+    logits, ``f * (1 / tau)``."""
+    return 1 / p.prior_scale**2
 
 
 def _segment(p: LangevinNumeric, grad_energy: Callable, state, acc, keys_noise: jax.Array,
@@ -169,7 +163,7 @@ def _linear_grad(p: LangevinNumeric):
     def grad(w, data, target):
         C, B_shared = data[0], data[1]
         B = B_shared if target is None else target
-        return p.gamma * lg.quadratic_grad(w, C, B) + w / p.prior_scale**2
+        return p.gamma * lg.quadratic_grad(w, C, B) + _inverse_variance(p) * w
 
     return grad
 
@@ -188,8 +182,8 @@ def _linear_targets(root, datasets, particles, teacher, CyxPi, CxxPi, NoisePi, a
     Per-dataset matrices: ``CyxPi = Cyx Pi``, ``CxxPi = Cxx Pi``, ``NoisePi = Cxx^{1/2} Pi / sqrt(n)``."""
     k, d = CyxPi.shape[-2], CxxPi.shape[-2]
     z = _normals(_keys(root, "soft_label", datasets, particles), (k, d), CxxPi.dtype)
-    # per particle (not one einsum over the population): see lg.chain_matmul
-    per_particle = jax.vmap(jax.vmap(partial(lg.chain_matmul, precision=HIGHEST), in_axes=(0, None)))
+    # per particle (not one einsum over the population): see kdsim.ordered
+    per_particle = jax.vmap(jax.vmap(ordered.matmul, in_axes=(0, None)))
     return alpha * CyxPi[:, None] + (1 - alpha) * (
         per_particle(teacher, CxxPi) + teacher_noise * per_particle(z, NoisePi))
 
@@ -204,7 +198,7 @@ def _linear_segment(state, acc, start, keys_noise, C, B, Cxx, Cyx, p: LangevinNu
 
     def with_teacher(w, data, target):
         g = grad(w, data, target)
-        g_T = p_T.gamma * lg.quadratic_grad(w, data[2], data[3]) + w / p_T.prior_scale**2
+        g_T = p_T.gamma * lg.quadratic_grad(w, data[2], data[3]) + _inverse_variance(p_T) * w
         # materialised once: the update and the Girsanov sum both read them, and XLA
         # would otherwise pull the elementwise chains into the sum's reduction kernel
         return jax.lax.optimization_barrier((g, g - g_T))
@@ -349,14 +343,39 @@ def _mlp_init(root, datasets, particles, init_scale, X, *, model, init_stream, n
     return _initial_state(w0), _keys(root, noise_stream, datasets, particles)
 
 
+def softmax(f: jax.Array) -> jax.Array:
+    """Softmax over the last axis with a fixed-order normaliser (see :mod:`kdsim.ordered`)."""
+    e = jnp.exp(f - ordered.max(f, axis=-1)[..., None])
+    return e / ordered.sum(e, axis=-1)[..., None]
+
+
+def output_cotangents(classification: bool):
+    """Gradients with respect to the predictions ``f`` ``(n, out)`` of the mean task loss
+    and of the mean distillation loss (closed forms of :func:`prediction_losses`' grads):
+    ``task(f, Y)`` and ``kd(f, target, tau)``."""
+    def task(f, Y):
+        n = f.shape[0]
+        if classification:
+            return (softmax(f) - jax.nn.one_hot(Y, f.shape[-1], dtype=f.dtype)) / n
+        return (f - Y) / n
+
+    def kd(f, target, tau):
+        n = f.shape[0]
+        if classification:      # d/df tau^2 KL(p_T || softmax(f / tau)) = tau (q - p_T)
+            return tau * (softmax(f * (1 / tau)) - target) / n
+        return (f - target) / n
+
+    return task, kd
+
+
 def _teacher_energy_grad(model, classification, p: LangevinNumeric):
-    task_loss, _ = prediction_losses(classification)
+    task_cot, _ = output_cotangents(classification)
 
     def grad(w, data, _target=None):
         X, Y = data[0], data[1]
-        f, vjp = jax.vjp(lambda v: model.apply({"params": v}, X), w)
-        (g,) = vjp(p.gamma * jax.grad(task_loss)(f, Y))
-        return jax.tree_util.tree_map(lambda a, b: a + b / p.prior_scale**2, g, w)
+        f, cache = models.forward(w, X, model.activation)
+        g = models.backward(w, cache, p.gamma * task_cot(f, Y), model.activation)
+        return jax.tree_util.tree_map(lambda a, b: a + _inverse_variance(p) * b, g, w)
 
     return grad
 
@@ -368,23 +387,24 @@ def student_energy_grad(model, classification: bool, p: LangevinNumeric, p_T: La
 
     Returns ``grad(w, (X, Y), target)``; with ``girsanov`` it returns
     ``(grad U_S(w), grad U_S(w) - grad U_T(w))`` (the teacher's energy at the same w).
-    One forward pass serves both loss terms: the gradient is a vjp with the combined
-    output cotangent (the teacher's objective shares the task-loss cotangent).
+    One forward pass serves both loss terms: the gradient is a backward pass with the
+    combined output cotangent (the teacher's objective shares the task-loss cotangent).
     """
-    task_loss, kd_loss = prediction_losses(classification)
+    task_cot, kd_cot = output_cotangents(classification)
 
     def grad(w, data, tgt):
         X_e, Y_e = data[0], data[1]
-        f, vjp = jax.vjp(lambda v: model.apply({"params": v}, X_e), w)
-        g_task = jax.grad(task_loss)(f, Y_e)
+        f, cache = models.forward(w, X_e, model.activation)
+        back = lambda g_f: models.backward(w, cache, g_f, model.activation)
+        g_task = task_cot(f, Y_e)
         # alpha = 1 (the scratch student) skips the distillation term entirely
-        g_kd = jax.lax.cond(alpha < 1, lambda: jax.grad(kd_loss)(f, tgt, tau), lambda: jnp.zeros_like(f))
-        (g_S,) = vjp(p.gamma * (alpha * g_task + (1 - alpha) * g_kd))
-        g_S = jax.tree_util.tree_map(lambda a, b: a + b / p.prior_scale**2, g_S, w)
+        g_kd = jax.lax.cond(alpha < 1, lambda: kd_cot(f, tgt, tau), lambda: jnp.zeros_like(f))
+        g_S = back(p.gamma * (alpha * g_task + (1 - alpha) * g_kd))
+        g_S = jax.tree_util.tree_map(lambda a, b: a + _inverse_variance(p) * b, g_S, w)
         if not girsanov:
             return g_S
-        (g_diff,) = vjp((p.gamma * alpha - p_T.gamma) * g_task + p.gamma * (1 - alpha) * g_kd)
-        shrink = 1 / p.prior_scale**2 - 1 / p_T.prior_scale**2
+        g_diff = back((p.gamma * alpha - p_T.gamma) * g_task + p.gamma * (1 - alpha) * g_kd)
+        shrink = _inverse_variance(p) - _inverse_variance(p_T)
         return g_S, jax.tree_util.tree_map(lambda a, b: a + shrink * b, g_diff, w)
 
     return grad
@@ -395,10 +415,10 @@ def _mlp_targets(root, datasets, particles, teacher, X, teacher_noise, tau, *, t
                  classification):
     """Per-student targets ``(E, P, n, out)``: tempered teacher probabilities
     (classification) or soft labels ``f_T(x) + nu_T e`` (regression)."""
-    f_T = jax.vmap(lambda w_e, X_e: jax.vmap(lambda w: teacher_model.apply({"params": w}, X_e))(w_e))(
-        teacher, X)
+    apply = lambda w, X_e: models.apply(w, X_e, teacher_model.activation)
+    f_T = jax.vmap(lambda w_e, X_e: jax.vmap(apply, in_axes=(0, None))(w_e, X_e))(teacher, X)
     if classification:
-        return jax.nn.softmax(f_T / tau, axis=-1)
+        return softmax(f_T * (1 / tau))
     e = _normals(_keys(root, "soft_label", datasets, particles), f_T.shape[2:], f_T.dtype)
     return f_T + teacher_noise * e
 

@@ -5,11 +5,11 @@ is independent, so the population splits over devices without communication: the
 dataset axis when ``E`` divides evenly, else the particle axis. Per-dataset data follow
 the population (split with it over datasets, replicated over particles). ``jax.jit``
 propagates the layout through every compiled segment. Each particle's draws never
-change. Split over datasets, results are bit-identical to a single-device run. Split
-over particles, linear-task states are bit-identical too (the engine's products are
-per-particle chains, :func:`kdsim.tasks.linear_gaussian.chain_matmul`); an MLP's
-float32 arithmetic can differ in the last bit (XLA compiles its reductions over the
-data per batch shape).
+change, and every sum in the engine's arithmetic is a per-chain chain in a fixed order
+(:mod:`kdsim.ordered`), so states split over datasets or over particles are
+bit-identical to a single-device run, for the linear and the MLP tasks. A device never
+holds a single chain (XLA compiles a batch of one without its batch axis, and the
+arithmetic can then differ): such populations stay on one device.
 
 On a CPU, JAX shows one device unless asked for more before it starts; kdsim's CLI and
 benchmarks ask for one per core (:func:`cpu_device_flags`), notebooks can set
@@ -80,6 +80,8 @@ def layout(num_datasets: int, num_particles: int, devices=None) -> Layout:
     """The layout of an ``(E, P)`` population over ``devices`` (default: local devices)."""
     devices = list(jax.local_devices() if devices is None else devices)
     axis = split_axis(num_datasets, num_particles, len(devices)) if len(devices) > 1 else None
+    if axis == 1 and num_datasets * num_particles < 2 * len(devices):
+        axis = None         # one chain a device: see kdsim.ordered (batches of >= 2 chains)
     if axis is None:
         return Layout(None, None)
     return Layout(Mesh(devices, ("pop",)), axis)

@@ -77,9 +77,9 @@ def _run(cfg: SimConfig, res: Resolved, bar: Progress) -> Run:
     """Draw the data, then train the population chunk by chunk of particles.
 
     Every draw is keyed by global dataset and particle index, so a chunked run draws
-    exactly the numbers of an unchunked one (linear states are bit-identical, an MLP's
-    can differ in the last float32 bit: XLA compiles its reductions per batch shape);
-    only ``num_datasets x particle_chunk`` chains are on the device at a time. Under
+    exactly the numbers of an unchunked one and, its arithmetic being per-chain chains in
+    a fixed order (:mod:`kdsim.ordered`), ends in bit-identical states; only
+    ``num_datasets x particle_chunk`` chains are on the device at a time. Under
     multi-host JAX each process trains its share of the datasets (or particles) and the
     shares are gathered on every process.
     """
@@ -113,6 +113,11 @@ def _train(engine, root, res: Resolved, data, datasets: np.ndarray, particles: n
     """The given (global) datasets and particles, ``particle_chunk`` particles at a time."""
     P = len(particles)
     chunk = min(res.static.particle_chunk, P)
+    if len(datasets) * chunk < 2:
+        # never a batch of ONE chain: XLA compiles it without the batch axis, and its
+        # float32 arithmetic can then differ in the last bit (kdsim.ordered); a second,
+        # dropped chain keeps every batch alike
+        chunk = 2
     # every chunk has the same shape (the last one padded with extra chains that are
     # dropped): one compiled program, and the same arithmetic for every particle
     ids = np.concatenate([particles, particles[-1] + 1 + np.arange(-P % chunk)])

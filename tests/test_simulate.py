@@ -1,7 +1,6 @@
 """simulate(): columns, notes, no recompilation, save/load, plot, precision, reproducibility."""
 
 import json
-import os
 
 import numpy as np
 import pandas as pd
@@ -11,8 +10,6 @@ import kdsim
 from kdsim import populations
 from kdsim.io import NPZ_NAME, JSON_NAME, ResultFileError
 from kdsim.tasks import linear_gaussian as lg
-
-from helpers import config
 
 SMALL = {"task": {"d": 3, "k": 2, "n": 16}, "teacher": {"num_steps": 40},
          "num_datasets": 3, "num_particles": 64}

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import streams
+from .. import ordered, streams
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -115,41 +115,12 @@ def make_data(root: jax.Array, datasets: np.ndarray, *, n: int, d: int, k: int, 
 # Risks of ONE parameter matrix (vmap outside). Quadratic forms in sufficient statistics.
 
 
-CHAIN_MAX_DIM = 64
-
-
-def chain_matmul(W: jax.Array, C: jax.Array, precision=None) -> jax.Array:
-    """``W @ C`` for ONE particle, as a multiply-add chain in a fixed order over the
-    contraction index (up to :data:`CHAIN_MAX_DIM`; a library matmul beyond).
-
-    Why not ``W @ C``: under vmap, XLA hands the whole population to one matmul kernel
-    and picks the kernel, and with it each row's summation order, by the batch's shape.
-    A chain's arithmetic would then change with the number of particles on a device, and
-    a population split over devices or chunks would differ in the last bit. The chain
-    is elementwise per particle, so its result is the same in any batch. Measured on a
-    2-core CPU: 10-20% of a Langevin step at p = 32, nothing at p = 8.
-
-    Args:
-      precision: of the library matmul beyond CHAIN_MAX_DIM (the chain itself is plain
-        float32 or float64 arithmetic).
-    Shapes: W ``(k, p)``, C ``(p, q)`` -> ``(k, q)``.
-    """
-    p = C.shape[0]
-    if p > CHAIN_MAX_DIM:
-        return jnp.matmul(W, C, precision=precision)
-    row = lambda j: C[j].reshape((1,) * (W.ndim - 1) + (-1,))
-    acc = W[..., 0:1] * row(0)
-    for j in range(1, p):
-        acc = acc + W[..., j:j + 1] * row(j)
-    return acc
-
-
 def quadratic_grad(W: jax.Array, C: jax.Array, B: jax.Array) -> jax.Array:
     """Gradient of ``0.5 tr(W C W^T) - tr(B W^T)`` for symmetric C: ``W C - B``.
 
     Shapes: W ``(k, p)``, C ``(p, p)``, B ``(k, p)``.
     """
-    return chain_matmul(W, C) - B
+    return ordered.matmul(W, C) - B
 
 
 def empirical_risk(W: jax.Array, Cxx: jax.Array, Cyx: jax.Array, Cyy: jax.Array) -> jax.Array:
