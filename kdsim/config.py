@@ -273,9 +273,8 @@ class SimConfig(_Validated):
     seed: int = _f(0, _Int(0, 2**32 - 1), static=True)
     dtype: str = _f("float32", _Choice(DTYPES), static=True)
     engine_precision: str = _f("default", _Choice(PRECISIONS), static=True,
-                               doc="matmul precision around the Langevin engine (jax.default_matmul_precision); "
-                                   "kept for old configs: the engine has no matmul (fixed-order chains), "
-                                   "so it does not change results")
+                               doc="matmul precision of the Langevin engine (jax.default_matmul_precision; "
+                                   "only the linear engine with d > 64 has a matmul)")
     particle_chunk: int | None = _f(None, _Int(1, 1 << 30, optional=True), static=True,
                                     doc="particles per dataset advanced at once (null = all)")
     max_diverged_fraction: float = _f(0.1, _Float(ge=0.0, le=1.0), static=True,

@@ -182,8 +182,8 @@ def _linear_targets(root, datasets, particles, teacher, CyxPi, CxxPi, NoisePi, a
     Per-dataset matrices: ``CyxPi = Cyx Pi``, ``CxxPi = Cxx Pi``, ``NoisePi = Cxx^{1/2} Pi / sqrt(n)``."""
     k, d = CyxPi.shape[-2], CxxPi.shape[-2]
     z = _normals(_keys(root, "soft_label", datasets, particles), (k, d), CxxPi.dtype)
-    # per particle (not one einsum over the population): see kdsim.ordered
-    per_particle = jax.vmap(jax.vmap(ordered.matmul, in_axes=(0, None)))
+    # per particle (not one einsum over the population): see lg.chain_matmul
+    per_particle = jax.vmap(jax.vmap(partial(lg.chain_matmul, precision=HIGHEST), in_axes=(0, None)))
     return alpha * CyxPi[:, None] + (1 - alpha) * (
         per_particle(teacher, CxxPi) + teacher_noise * per_particle(z, NoisePi))
 

@@ -7,7 +7,8 @@ the population (split with it over datasets, replicated over particles). ``jax.j
 propagates the layout through every compiled segment. Each particle's draws never
 change, and every sum in the engine's arithmetic is a per-chain chain in a fixed order
 (:mod:`kdsim.ordered`), so states split over datasets or over particles are
-bit-identical to a single-device run, for the linear and the MLP tasks. A device never
+bit-identical to a single-device run, for the MLP tasks and the linear task up to
+d = 64 (:func:`kdsim.tasks.linear_gaussian.chain_matmul`). A device never
 holds a single chain (XLA compiles a batch of one without its batch axis, and the
 arithmetic can then differ): such populations stay on one device.
 

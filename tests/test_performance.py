@@ -125,7 +125,7 @@ def test_engine_precision_is_validated_and_changes_nothing():
         SimConfig.from_dict({"engine_precision": "fastest"})
     a = _pops(SMALL)
     b = _pops({**SMALL, "engine_precision": "highest"})
-    # no matmul in the engine (kdsim.ordered): the setting cannot change a bit
+    # no matmul in the engine at d <= 64 (kdsim.ordered): the setting cannot change a bit
     np.testing.assert_array_equal(b.teacher, a.teacher)
     np.testing.assert_array_equal(b.student, a.student)
 
