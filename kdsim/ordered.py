@@ -76,7 +76,8 @@ def matmul(a: jax.Array, b: jax.Array) -> jax.Array:
         raise ValueError(f"contracted dimensions differ: {a.shape} @ {b.shape}")
 
     def over(a, b):
-        return lambda j: _take(a, j, a.ndim - 1, keepdims=True) * _take(b, j, 0, keepdims=True)
+        row = lambda j: _take(b, j, 0).reshape((1,) * (a.ndim - 1) + (-1,))
+        return lambda j: _take(a, j, a.ndim - 1, keepdims=True) * row(j)
 
     return _chain(over(a, b), K, lambda size: over(_pad_axis(a, a.ndim - 1, size), _pad_axis(b, 0, size)))
 

@@ -57,6 +57,14 @@ def test_the_rolled_loop_continues_the_unrolled_chain(monkeypatch):
     assert "while" not in jaxpr                      # unrolled now; rolled above had a loop
 
 
+def test_matmul_keeps_leading_axes():
+    rng = np.random.default_rng(3)
+    A, B = rng.normal(size=(2, 3, 7)), rng.normal(size=(7, 4))
+    with jax.enable_x64(True):
+        got = ordered.matmul(jnp.asarray(A), jnp.asarray(B))
+    np.testing.assert_allclose(got, A @ B, rtol=1e-13, atol=1e-13)
+
+
 def test_matmul_names_mismatched_shapes():
     with pytest.raises(ValueError, match="contracted dimensions"):
         ordered.matmul(jnp.zeros((2, 3)), jnp.zeros((4, 5)))
