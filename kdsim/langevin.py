@@ -100,11 +100,6 @@ def build_kernel(grad_energy: Callable[[PyTree, Any], PyTree], schedule: Schedul
         h = schedule(t)
         grad, aux = grad_energy(state.position, batch) if has_aux else \
             (grad_energy(state.position, batch), None)
-        # materialised before the update (as the noise is in run_population): fused with
-        # it, the gradient's last operations would be contracted into FMAs according to
-        # the fusion XLA picks for the batch's shape, which differs between a whole
-        # population and one split over devices
-        grad, aux = jax.lax.optimization_barrier((grad, aux))
         scale = jnp.sqrt(2.0 * h)
         proposal = jax.tree_util.tree_map(
             lambda w, g, xi: (w - h * g + scale * xi).astype(w.dtype),
