@@ -23,7 +23,7 @@ def _same_in_every_batch(fn, *population):
             np.testing.assert_array_equal(np.asarray(a), b[lo:hi], err_msg=f"batch {lo}:{hi}")
 
 
-@pytest.mark.parametrize("K", [1, 3, 64, ordered.UNROLL_MAX + 1, 300])
+@pytest.mark.parametrize("K", [1, 3, ordered.UNROLL_MAX + 1])
 def test_matmul_sums_and_max_are_exact_and_do_not_depend_on_the_batch(K):
     rng = np.random.default_rng(K)
     A, B = rng.normal(size=(300, 4, K)), rng.normal(size=(K, 5))

@@ -51,19 +51,19 @@ def _flat(tree):
     return np.concatenate([np.reshape(x, np.shape(x)[:2] + (-1,)) for x in jax.tree_util.tree_leaves(tree)], -1)
 
 
-@pytest.mark.parametrize("task", ["mlp_regression", "mlp_classification"])
-def test_particle_chunks_in_an_mlp_task(task):
+@pytest.mark.parametrize("task,chunk", [("mlp_regression", 4), ("mlp_classification", 1)])
+def test_particle_chunks_in_an_mlp_task(task, chunk):
     """The MLP engine's forward and backward passes are fixed-order chains
-    (kdsim.models.forward/backward): chunks of 4 and 1 particles (a padded last chunk
-    included) end in the whole run's states and Girsanov sums, bit for bit."""
+    (kdsim.models.forward/backward): chunks of 4 particles (a padded last chunk included)
+    or of 1 (run as 2: never a batch of one chain) end in the whole run's states and
+    Girsanov sums, bit for bit."""
     cfg = {**MLP_G, "task": {**MLP_G["task"], "name": task}}
     whole = _pops(cfg)
     assert whole.girsanov is not None and whole.scratch is not None
-    for chunk in (4, 1):
-        chunked = _pops({**cfg, "particle_chunk": chunk})
-        for name in ("teacher", "student", "scratch", "girsanov", "diverged_S"):
-            np.testing.assert_array_equal(_flat(getattr(chunked, name)), _flat(getattr(whole, name)),
-                                          err_msg=f"{name}, chunks of {chunk}")
+    chunked = _pops({**cfg, "particle_chunk": chunk})
+    for name in ("teacher", "student", "scratch", "girsanov", "diverged_S"):
+        np.testing.assert_array_equal(_flat(getattr(chunked, name)), _flat(getattr(whole, name)),
+                                      err_msg=f"{name}, chunks of {chunk}")
 
 
 def test_memory_guard_stops_before_allocating_and_says_how_to_chunk():
