@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 from scipy import stats as sps
 
@@ -19,6 +20,11 @@ SCRAMBLED = {
     "student": {"langevin": {"gamma": 35.0, "prior_scale": 1.5, "init_scale": 0.6,
                              "num_steps": 50}},
 }
+
+
+def flat_states(tree) -> np.ndarray:
+    """Particle states ``(E, P, ...)``, a pytree for MLPs, as one ``(E, P, -1)`` array."""
+    return np.concatenate([np.reshape(x, np.shape(x)[:2] + (-1,)) for x in jax.tree_util.tree_leaves(tree)], -1)
 
 
 def config(**overrides) -> SimConfig:

@@ -78,8 +78,8 @@ def test_two_jax_processes_reproduce_the_single_process_run(tmp_path):
     import subprocess
     import sys
 
-    import jax
     import numpy as np
+    from helpers import flat_states
 
     addr = f"127.0.0.1:{_free_port()}"
     env = {**os.environ, "CI": "1", "JAX_PLATFORMS": "cpu"}
@@ -96,10 +96,9 @@ def test_two_jax_processes_reproduce_the_single_process_run(tmp_path):
         assert int(got["n"]) == 2
         single = kdsim.simulate(cfg).per_dataset
         multi = pd.read_json(tmp_path / f"per_dataset_{i}.json")
-        flat = lambda t: np.concatenate([np.reshape(x, np.shape(x)[:2] + (-1,)) for x in jax.tree_util.tree_leaves(t)], -1)
-        assert got["S"].dtype == flat(one.student).dtype
-        np.testing.assert_array_equal(got["T"], flat(one.teacher))
-        np.testing.assert_array_equal(got["S"], flat(one.student))
+        assert got["S"].dtype == flat_states(one.student).dtype
+        np.testing.assert_array_equal(got["T"], flat_states(one.teacher))
+        np.testing.assert_array_equal(got["S"], flat_states(one.student))
         np.testing.assert_array_equal(got["dT"], one.diverged_T)
         cols = ("gen_T", "gen_S", "gen_S_exact", "kl_exact", "kl_gaussian_diag", "kl_girsanov", "test_loss_S")
         for col in [c for c in cols if c in single]:

@@ -15,6 +15,8 @@ import kdsim
 from kdsim import memory, populations
 from kdsim.config import ConfigError, SimConfig, resolve
 
+from helpers import flat_states
+
 SMALL = {"task": {"d": 4, "k": 2, "n": 32}, "teacher": {"num_steps": 60},
          "student": {"langevin": {"num_steps": 40}}, "num_datasets": 2, "num_particles": 10}
 # the student runs as long as the teacher: the Girsanov sum applies
@@ -46,11 +48,6 @@ MLP_G = {"task": {"name": "mlp_regression", "d": 3, "k": 1, "n": 8, "n_test": 8}
          "num_datasets": 1, "num_particles": 6}         # same architecture: Girsanov applies
 
 
-def _flat(tree):
-    """Particle states ``(E, P, ...)``, a pytree for MLPs, as one ``(E, P, -1)`` array."""
-    return np.concatenate([np.reshape(x, np.shape(x)[:2] + (-1,)) for x in jax.tree_util.tree_leaves(tree)], -1)
-
-
 @pytest.mark.parametrize("task,chunk", [("mlp_regression", 4), ("mlp_classification", 1)])
 def test_particle_chunks_in_an_mlp_task(task, chunk):
     """The MLP engine's forward and backward passes are fixed-order chains
@@ -62,7 +59,7 @@ def test_particle_chunks_in_an_mlp_task(task, chunk):
     assert whole.girsanov is not None and whole.scratch is not None
     chunked = _pops({**cfg, "particle_chunk": chunk})
     for name in ("teacher", "student", "scratch", "girsanov", "diverged_S"):
-        np.testing.assert_array_equal(_flat(getattr(chunked, name)), _flat(getattr(whole, name)),
+        np.testing.assert_array_equal(flat_states(getattr(chunked, name)), flat_states(getattr(whole, name)),
                                       err_msg=f"{name}, chunks of {chunk}")
 
 
@@ -160,8 +157,8 @@ def test_population_spread_over_four_devices(tmp_path):
     for i, cfg in enumerate(SPREAD):
         four, one = np.load(tmp_path / f"pops_{i}.npz"), _pops(cfg)
         assert int(four["n"]) == 4
-        np.testing.assert_array_equal(four["T"], _flat(one.teacher))
-        np.testing.assert_array_equal(four["S"], _flat(one.student))
+        np.testing.assert_array_equal(four["T"], flat_states(one.teacher))
+        np.testing.assert_array_equal(four["S"], flat_states(one.student))
         np.testing.assert_array_equal(four["G"], one.girsanov)
         if cfg.get("dtype") == "float64":
             multi = np.load(tmp_path / f"per_dataset_{i}.npz")
