@@ -20,12 +20,13 @@ from .config import (
     TeacherConfig,
     load_config,
 )
-from .io import ResultFileError, load_result
+from .io import ResultFileError
 from .memory import MemoryBudgetError
 from .memory import estimate as memory_estimate
-from .result import Result
+from .models import Model, ModelError, from_linen, from_nnx
+from .result import Result, load_result
 from .simulate import DivergenceError, run_populations, simulate
-from .sweep import SweepError, load_sweep, sweep
+from .sweep import SweepError, load_sweep, ray_executor, sweep
 
 __all__ = [
     "ConfigError",
@@ -33,7 +34,9 @@ __all__ = [
     "EstimatorsConfig",
     "LangevinConfig",
     "MemoryBudgetError",
+    "Model",
     "ModelConfig",
+    "ModelError",
     "Result",
     "ResultFileError",
     "SimConfig",
@@ -41,10 +44,13 @@ __all__ = [
     "StudentConfig",
     "TaskConfig",
     "TeacherConfig",
+    "from_linen",
+    "from_nnx",
     "load_config",
     "load_result",
     "load_sweep",
     "memory_estimate",
+    "ray_executor",
     "run_populations",
     "simulate",
     "sweep",

@@ -99,7 +99,7 @@ def _cmd_sweep(args) -> int:
     base, grid = load_sweep_file(args.sweep_file)
     executor = None
     if args.ray:
-        from .distributed import ray_executor
+        from .sweep import ray_executor
         executor = ray_executor(num_gpus=args.gpus_per_point,
                                 address=None if args.ray == "local" else args.ray)
     table = sweep(base, grid, out=args.out, progress=False if args.no_progress else None,
@@ -122,7 +122,7 @@ def _cmd_plot(args) -> int:
         from .plots import plot_sweep
         paths = plot_sweep(load_sweep(args.folder), args.folder)
     else:
-        from .io import load_result
+        from .result import load_result
         paths = [os.path.join(args.folder, "overview.png")]
         load_result(args.folder).plot(paths[0])
     for path in paths:

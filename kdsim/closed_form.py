@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import langevin
 from .config import LangevinNumeric, Numeric, Static
 from .tasks.linear_gaussian import LinearData
 
@@ -75,14 +76,36 @@ def _power_terms(lam: np.ndarray, h: float, T: int | None):
     return one_minus_rho_T, rho_2T, one_minus_rho_2T
 
 
-def chain_operators(A: np.ndarray, p: LangevinNumeric, T: int | None):
+def _scheduled_terms(lam: np.ndarray, hs: np.ndarray, s_init: float):
+    """``(R, cov)`` eigenvalues after the steps ``h_0, ..., h_{T-1}`` of a schedule.
+
+    Per eigenvalue, with ``rho_t = 1 - h_t lam``:
+    ``R = sum_t h_t prod_{s>t} rho_s`` and
+    ``cov = s_init^2 prod_t rho_t^2 + sum_t 2 h_t prod_{s>t} rho_s^2``, iterated step by step
+    (``x_{t+1} = rho_t x_t + h_t b``, noise ``2 h_t``).
+    """
+    R = np.zeros_like(lam)
+    cov = np.full_like(lam, s_init**2)
+    for h in hs:
+        rho = 1.0 - h * lam
+        R = rho * R + h
+        cov = rho * rho * cov + 2.0 * h
+    return R, cov
+
+
+def chain_operators(A: np.ndarray, p: LangevinNumeric, T: int | None, schedule: str = "constant"):
     """Operators of a linear Langevin chain on ``U(w) = 0.5 w^T A w - b^T w``.
 
     Returns ``(R, Sigma)``: after T steps from ``N(0, s_init^2 I)`` the state is
     ``R b + N(0, Sigma)`` (stationary limit for ``T = None``: ``R = Sigma = A^{-1}``).
+    Under a step-size schedule the chain is iterated with the engine's ``h_t``.
     """
     lam, U = np.linalg.eigh(A)
     h = p.step_size
+    if T is not None and schedule != "constant":
+        hs = langevin.step_sizes(schedule, h, T, p.schedule_offset)
+        R, cov = _scheduled_terms(lam, hs, p.init_scale)
+        return _spectral(U, R), _spectral(U, cov)
     one_minus_rho_T, rho_2T, one_minus_rho_2T = _power_terms(lam, h, T)
     R = _spectral(U, one_minus_rho_T / lam)
     if T is None:
@@ -99,12 +122,14 @@ def _laws(data: LinearData, static: Static, numeric: Numeric, stationary: bool) 
     d, r = Cxx.shape[-1], Pi.shape[-1]
 
     A_T = pt.gamma * Cxx + np.eye(d) / pt.prior_scale**2
-    R_T, Sigma_T = chain_operators(A_T, pt, None if stationary else static.teacher_steps)
+    R_T, Sigma_T = chain_operators(A_T, pt, None if stationary else static.teacher_steps,
+                                   static.teacher_schedule)
     M_T = pt.gamma * Cyx @ R_T
 
     Cp = _t(Pi) @ Cxx @ Pi                                    # (E, r, r)
     A_S = ps.gamma * Cp + np.eye(r) / ps.prior_scale**2
-    R_S, Sigma_free = chain_operators(A_S, ps, None if stationary else static.student_steps)
+    R_S, Sigma_free = chain_operators(A_S, ps, None if stationary else static.student_steps,
+                                      static.student_schedule)
     K = (1.0 - alpha) * ps.gamma * _t(Pi) @ Cxx               # (E, r, d)
     M_V = (alpha * ps.gamma * Cyx @ Pi + (1.0 - alpha) * ps.gamma * M_T @ Cxx @ Pi) @ R_S
     RK = R_S @ K

@@ -21,18 +21,18 @@ import pandas as pd
 from jax.flatten_util import ravel_pytree
 
 from . import evaluation as ev
-from . import models, streams
+from . import losses, streams
 from .config import Resolved
 from .estimators import divergence, sharpness
-from .populations import mlp_models, mlp_objectives
+from .models import same_structure
 from .stats import mean_se
 from .tasks import mlp as mlp_task
 
 CHUNK = 8   # particles evaluated at once per dataset (bounds memory on large test sets)
 
 
-@partial(jax.jit, static_argnames=("model", "classification"))
-def particle_metrics(params, X, Y, X_test, Y_test, *, model, classification):
+@partial(jax.jit, static_argnames=("apply", "classification"))
+def particle_metrics(params, X, Y, X_test, Y_test, *, apply, classification):
     """Per particle: mean train / test loss (and 0-1), and predictions on the training inputs.
 
     Args:
@@ -40,17 +40,15 @@ def particle_metrics(params, X, Y, X_test, Y_test, *, model, classification):
     Returns:
       dict of ``(E, P)`` arrays and ``"F"``: ``(E, P, n, out)``.
     """
-    loss = mlp_task.cross_entropy if classification else mlp_task.squared_loss
-
     def per_dataset(w_e, X_e, Y_e, Xt_e, Yt_e):
         def one(w):
-            f = model.apply({"params": w}, X_e)
-            ft = model.apply({"params": w}, Xt_e)
-            out = {"train": jnp.mean(jax.vmap(loss)(f, Y_e)),
-                   "test": jnp.mean(jax.vmap(loss)(ft, Yt_e)), "F": f}
+            f = apply(w, X_e)
+            ft = apply(w, Xt_e)
+            out = {"train": losses.task_risk(f, Y_e, classification),
+                   "test": losses.task_risk(ft, Yt_e, classification), "F": f}
             if classification:
-                out["train_01"] = jnp.mean(jax.vmap(mlp_task.zero_one)(f, Y_e))
-                out["test_01"] = jnp.mean(jax.vmap(mlp_task.zero_one)(ft, Yt_e))
+                out["train_01"] = jnp.mean(jax.vmap(losses.zero_one)(f, Y_e))
+                out["test_01"] = jnp.mean(jax.vmap(losses.zero_one)(ft, Yt_e))
             return out
 
         return jax.lax.map(one, w_e, batch_size=CHUNK)
@@ -58,15 +56,15 @@ def particle_metrics(params, X, Y, X_test, Y_test, *, model, classification):
     return jax.vmap(per_dataset)(params, X, Y, X_test, Y_test)
 
 
-@partial(jax.jit, static_argnames=("model",))
-def predict(params, X, *, model):
-    """Predictions ``(E, P, n, out)`` of a population on per-dataset inputs ``(E, n, d)``."""
-    return jax.vmap(lambda w_e, X_e: jax.lax.map(lambda w: model.apply({"params": w}, X_e), w_e,
+@partial(jax.jit, static_argnames=("apply",))
+def predict(params, X, *, apply):
+    """Predictions ``(E, P, n, out)`` of a population on per-dataset inputs ``(E, n, ...)``."""
+    return jax.vmap(lambda w_e, X_e: jax.lax.map(lambda w: apply(w, X_e), w_e,
                                                  batch_size=CHUNK))(params, X)
 
 
-@partial(jax.jit, static_argnames=("model", "classification", "num_iters"))
-def _mlp_sharpness(centres, points, rho, X, Y, X_test, Y_test, v_top, probes, v_gap, *, model,
+@partial(jax.jit, static_argnames=("apply", "classification", "num_iters"))
+def _mlp_sharpness(centres, points, rho, X, Y, X_test, Y_test, v_top, probes, v_gap, *, apply,
                    classification, num_iters: int):
     """Per dataset: training-loss sharpness at the centre, and G_D, S_D of the gap.
 
@@ -74,7 +72,7 @@ def _mlp_sharpness(centres, points, rho, X, Y, X_test, Y_test, v_top, probes, v_
       centres: pytree ``(E, ...)``; points: pytree ``(E, Q, ...)`` teacher particles;
       v_top ``(E, 2, p)``, probes ``(E, S, p)``, v_gap ``(E, Q + 1, p)``: random starts.
     """
-    risk, _ = mlp_objectives(model, classification)
+    risk = lambda w, X, Y: losses.task_risk(apply(w, X), Y, classification)
 
     def one(c, pts, r, X_e, Y_e, Xt_e, Yt_e, v_top, probes, v_gap):
         loss = lambda w: risk(w, X_e, Y_e)
@@ -106,7 +104,7 @@ def mlp_columns(run) -> ev.Evaluation:
     st, nm, cfg, data, pops = res.static, res.numeric, run.config, run.data, run.populations
     classification = st.task == "mlp_classification"
     E, P = st.num_datasets, st.num_particles
-    teacher_model, student_model = mlp_models(res)
+    teacher_model, student_model = run.models
     dtype = jnp.dtype(st.dtype)
     notes: list[str] = []
     cols: dict[str, np.ndarray] = {"dataset": np.arange(E),
@@ -128,7 +126,7 @@ def mlp_columns(run) -> ev.Evaluation:
         metric = lambda params, model: jax.tree_util.tree_map(
             lambda x: np.asarray(x, np.float64),
             particle_metrics(jax.tree_util.tree_map(jnp.asarray, params), X, Y, Xt, Yt,
-                             model=model, classification=classification))
+                             apply=model.apply, classification=classification))
         m_T = metric(pops.teacher, teacher_model)
         m_S = metric(pops.student, student_model)
         m_0 = metric(pops.scratch, student_model) if pops.scratch is not None else None
@@ -209,9 +207,9 @@ def _function_space(run, ok, usable, F_T, F_S, ball: "Ball", teacher_model, stud
         Xg_d = jnp.asarray(ghost.X, dtype)
         to64 = lambda a: np.asarray(a, np.float64)
         pred_T = fs.Predictions(F_T, to64(predict(jax.tree_util.tree_map(jnp.asarray, pops.teacher),
-                                                  Xg_d, model=teacher_model)))
+                                                  Xg_d, apply=teacher_model.apply)))
         pred_S = fs.Predictions(F_S, to64(predict(jax.tree_util.tree_map(jnp.asarray, pops.student),
-                                                  Xg_d, model=student_model)))
+                                                  Xg_d, apply=student_model.apply)))
         b3 = None
         if classification:
             Q = jax.tree_util.tree_leaves(ball.points)[0].shape[1]
@@ -220,7 +218,7 @@ def _function_space(run, ok, usable, F_T, F_S, ball: "Ball", teacher_model, stud
             G, S = fs._label_gap_curvature(
                 cast(ball.centres), cast(ball.points), jnp.asarray(data.X, dtype), jnp.asarray(data.Y),
                 Xg_d, jnp.asarray(ghost.Y), jnp.asarray(nm.temperature, dtype), v,
-                model=teacher_model, num_iters=cfg.estimators.power_iterations)
+                apply=teacher_model.apply, num_iters=cfg.estimators.power_iterations)
             b3 = {"G": to64(G), "S": to64(S), "rho": ball.rho, "outside": ball.outside}
     return fs.columns(run, ok, usable, pred_T, pred_S, np.asarray(data.Y, np.float64)
                       if not classification else data.Y, ghost, b3=b3)
@@ -282,8 +280,7 @@ def _kl_columns(run, ok, usable, notes):
         cols["kl_girsanov"], cols["kl_girsanov_se"] = _per_dataset(pops.girsanov, ok, usable)
     else:
         notes.append(f"kl_girsanov: NaN, {res.girsanov_reason}")
-    same_arch = res.girsanov_reason != "the student's architecture differs from the teacher's"
-    if not same_arch:
+    if not same_structure(*run.models):
         notes.append("kl_gaussian_full, kl_gaussian_diag, kl_knn: NaN, a parameter-space KL "
                      "between different architectures is meaningless")
         return cols
@@ -377,7 +374,7 @@ def _sharpness_columns(run, ok, n_fit, X, Y, Xt, Yt, model, classification):
         cast = lambda a: jnp.asarray(a, dtype)
         out = _mlp_sharpness(
             jax.tree_util.tree_map(cast, centres), jax.tree_util.tree_map(cast, points), cast(rho),
-            X, Y, Xt, Yt, v_top, probes, v_gap, model=model, classification=classification,
+            X, Y, Xt, Yt, v_top, probes, v_gap, apply=model.apply, classification=classification,
             num_iters=est.power_iterations)
         top, trace, trace_se, G, S, sam = (np.asarray(x, np.float64) for x in out)
     lap_top, lap_trace = np.full(E, np.nan), np.full(E, np.nan)
@@ -397,8 +394,7 @@ def _sharpness_columns(run, ok, n_fit, X, Y, Xt, Yt, model, classification):
 
 def laplace_note(run) -> str:
     res = run.resolved
-    teacher_model, _ = mlp_models(res)
-    p = models.num_params(models.param_template(teacher_model, res.static.d))
+    p = run.models[0].num_params
     if res.static.num_particles <= p:
         return (f"sharpness_laplace_top, sharpness_laplace_trace: NaN, the particle covariance "
                 f"needs more particles ({res.static.num_particles}) than parameters ({p})")

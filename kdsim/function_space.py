@@ -150,15 +150,15 @@ def convexity(pred_S: Predictions, pred_T: Predictions, classification: bool, nu
 # F_B3 curvature of the label channel's noise-averaged gap (MLP classification)
 
 
-@partial(jax.jit, static_argnames=("model", "num_iters"))
-def _label_gap_curvature(centres, points, X, Y, Xg, Yg, tau, v_gap, *, model, num_iters: int):
+@partial(jax.jit, static_argnames=("apply", "num_iters"))
+def _label_gap_curvature(centres, points, X, Y, Xg, Yg, tau, v_gap, *, apply, num_iters: int):
     """``(G_D, S_D)`` of ``gbar_F`` per dataset: gradient norm at the centre, largest
     absolute Hessian eigenvalue over the centre and the points (HVP power iteration)."""
 
     def one(c, pts, X_e, Y_e, Xg_e, Yg_e, v):
         def gbar(w):
-            p = jax.nn.softmax(model.apply({"params": w}, X_e) / tau)
-            pg = jax.nn.softmax(model.apply({"params": w}, Xg_e) / tau)
+            p = jax.nn.softmax(apply(w, X_e) / tau)
+            pg = jax.nn.softmax(apply(w, Xg_e) / tau)
             correct = jnp.take_along_axis(p, Y_e[:, None], 1)[:, 0]
             correct_g = jnp.take_along_axis(pg, Yg_e[:, None], 1)[:, 0]
             return jnp.mean(1 - correct_g) - jnp.mean(1 - correct)

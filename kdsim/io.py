@@ -21,7 +21,6 @@ import numpy as np
 import pandas as pd
 
 from .config import SimConfig
-from .result import Result
 
 SCHEMA = "kdsim.result/1"
 JSON_NAME, NPZ_NAME = "result.json", "result.npz"
@@ -81,7 +80,7 @@ def _jsonable(x: Any) -> Any:
     return x
 
 
-def save_result(result: Result, path: str | os.PathLike[str]) -> str:
+def save_result(result, path: str | os.PathLike[str]) -> str:
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     arrays: dict[str, np.ndarray] = {}
@@ -135,8 +134,9 @@ def read_json(path: str, error: type[Exception], missing: str) -> Any:
         raise error(f"{path} is corrupted ({err})") from None
 
 
-def load_result(path: str | os.PathLike[str]) -> Result:
-    """Load a folder written by :meth:`Result.save`; verify schema, checksum and config hash."""
+def read_result(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The fields of a Result saved in a folder (``kdsim.load_result`` builds the Result);
+    verify schema, checksum and config hash."""
     path = os.fspath(path)
     jpath, npath = os.path.join(path, JSON_NAME), os.path.join(path, NPZ_NAME)
     header = read_json(jpath, ResultFileError, f"no result in {path!r}: {JSON_NAME} is missing")
@@ -166,8 +166,8 @@ def load_result(path: str | os.PathLike[str]) -> Result:
         datasets = {name: z[f"datasets/{name}"] for name in header["dataset_keys"]}
     if "n_datasets" in summary:
         summary["n_datasets"] = summary["n_datasets"].astype(np.int64)
-    return Result(config=config, per_dataset=per_dataset, summary=summary, datasets=datasets,
-                  notes=list(header["notes"]), meta=header["meta"], pooled=pooled)
+    return dict(config=config, per_dataset=per_dataset, summary=summary, datasets=datasets,
+                notes=list(header["notes"]), meta=header["meta"], pooled=pooled)
 
 
 def _flags(values: np.ndarray) -> pd.arrays.BooleanArray:

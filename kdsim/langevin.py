@@ -25,6 +25,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from . import streams
 
@@ -54,9 +55,34 @@ class LangevinKernel(NamedTuple):
     update: Callable[[LangevinState, PyTree, jax.Array, Any], tuple[LangevinState, LangevinInfo]]
 
 
-def constant_schedule(step_size: jax.Array) -> Schedule:
-    """``h_t = h`` (an optax-style schedule: a function of the step count)."""
-    return lambda t: step_size
+POLYNOMIAL_POWER = 0.55      # the SGLD literature's h_t = a (b + t)^(-0.55)
+
+
+def schedule(kind: str, step_size, num_steps: int, offset=100.0) -> Schedule:
+    """Step sizes ``t -> h_t`` (optax schedules: functions of the global step count).
+
+    - ``constant``: ``h_t = h``;
+    - ``polynomial``: ``h_t = h (b / (b + t))^0.55``, i.e. ``a (b + t)^(-0.55)`` with ``a``
+      chosen so that ``h_0 = h`` (``b = offset``);
+    - ``cosine``: ``optax.cosine_decay_schedule`` from ``h`` to 0 over ``num_steps``.
+
+    ``step_size`` and ``offset`` may be traced; ``num_steps`` is the phase's length.
+    """
+    if kind == "constant":
+        return optax.constant_schedule(step_size)
+    if kind == "polynomial":
+        return lambda t: step_size * (offset / (offset + t)) ** POLYNOMIAL_POWER
+    if kind == "cosine":
+        return optax.cosine_decay_schedule(step_size, max(int(num_steps), 1))
+    raise ValueError(f"unknown step-size schedule {kind!r}")
+
+
+def step_sizes(kind: str, step_size: float, num_steps: int, offset: float = 100.0) -> np.ndarray:
+    """``(h_0, ..., h_{T-1})`` of :func:`schedule` in float64 (for the closed forms)."""
+    with jax.enable_x64(True):
+        fn = schedule(kind, jnp.float64(step_size), num_steps, jnp.float64(offset))
+        hs = jax.vmap(fn)(jnp.arange(num_steps, dtype=jnp.float64))
+        return np.asarray(jnp.broadcast_to(hs, (num_steps,)), np.float64)
 
 
 def gaussian_like(key: jax.Array, tree: PyTree) -> PyTree:
@@ -180,11 +206,6 @@ def run_population(kernel: LangevinKernel, keys: jax.Array, state: LangevinState
         step_keys = jax.vmap(lambda k: streams.step_key(k, t))(flat_keys)
         noise = jax.vmap(lambda k: gaussian_like(k, template))(step_keys)
         noise = jax.tree_util.tree_map(lambda x: x.reshape((E, P) + x.shape[1:]), noise)
-        # The normals are materialised before the update reads them: fused into the
-        # update, their float32 arithmetic (and where XLA contracts it into FMAs) would
-        # depend on how XLA fuses a batch of that shape, and a population split over
-        # devices would no longer be bit-identical. Costs nothing measurable on a CPU.
-        noise = jax.lax.optimization_barrier(noise)
         new, info = update(st, noise, t, batch, particle_batch)
         if accumulate is not None:
             acc = acc_fn(acc, st, info, batch, particle_batch)

@@ -34,26 +34,49 @@ class Estimate(NamedTuple):
 
 
 def parameter_count(res: Resolved) -> tuple[int, int]:
-    """Parameters of one teacher and one student particle."""
+    """Parameters of one teacher and one student particle of the built-in models."""
     st = res.static
     if st.task == "linear_gaussian":
         return st.k * st.d, st.k * st.rank
     out = st.num_classes if st.task == "mlp_classification" else st.k
 
-    def mlp(width, depth):
+    def count(kind, width, depth, channels, kernel_size):
+        if kind == "cnn":
+            dims = [1] + [channels] * depth
+            return sum(kernel_size * a * b + b for a, b in zip(dims[:-1], dims[1:])) + channels * out + out
         dims = [st.d] + [width] * depth + [out]
         return sum(a * b + b for a, b in zip(dims[:-1], dims[1:]))
 
-    return mlp(st.teacher_width, st.teacher_depth), mlp(st.student_width, st.student_depth)
+    spec_T, spec_S = _specs(st)
+    return count(*spec_T), count(*spec_S)
 
 
-def estimate(config) -> Estimate:
-    """Conservative memory estimate (bytes) of a run: a SimConfig, a mapping or a Resolved."""
+def _specs(st) -> tuple[tuple, tuple]:
+    return ((st.teacher_kind, st.teacher_width, st.teacher_depth, st.teacher_channels,
+             st.teacher_kernel_size),
+            (st.student_kind, st.student_width, st.student_depth, st.student_channels,
+             st.student_kernel_size))
+
+
+def _activations(res: Resolved) -> int:
+    """Hidden units per example of the widest built-in model (per-chain activations)."""
+    st = res.static
+    units = 0
+    for kind, width, depth, channels, _ in _specs(st):
+        units = max(units, channels * depth * st.d if kind == "cnn" else width * depth)
+    return units
+
+
+def estimate(config, params: tuple[int, int] | None = None) -> Estimate:
+    """Conservative memory estimate (bytes) of a run: a SimConfig, a mapping or a Resolved.
+
+    ``params``: the parameter counts of the teacher and student (user models); default:
+    the built-in models of the config."""
     res = config if isinstance(config, Resolved) else resolve(
         config if isinstance(config, SimConfig) else SimConfig.from_dict(config))
     st = res.static
     item = np.dtype(st.dtype).itemsize
-    p_T, p_S = parameter_count(res)
+    p_T, p_S = parameter_count(res) if params is None else params
     p = max(p_T, p_S)
     if st.task == "linear_gaussian":
         # position, new position, noise, gradient, student target, Girsanov terms
@@ -65,7 +88,7 @@ def estimate(config) -> Estimate:
         host_per = pop_per + 4 * 8 * p_T + 3 * (st.n + res.ghost_points) * st.k * 8
     else:
         out = st.num_classes if st.task == "mlp_classification" else st.k
-        width = max(st.teacher_width, st.student_width) * max(st.teacher_depth, st.student_depth)
+        width = max(_activations(res), p // max(st.d, 1))   # user models: a guess from their size
         # parameters as above; per-example targets; activations of forward and backward
         per_chain = (6 * p + 2 * st.n * out + 3 * st.n * width) * item + 64
         # three populations of parameters, and predictions on the test and ghost points
@@ -99,11 +122,12 @@ def available() -> tuple[float, float]:
     return device * max(1, jax.local_device_count()), host
 
 
-def check(res: Resolved, free: tuple[float, float] | None = None, evaluate: bool = True) -> Estimate:
+def check(res: Resolved, free: tuple[float, float] | None = None, evaluate: bool = True,
+          params: tuple[int, int] | None = None) -> Estimate:
     """Raise :class:`MemoryBudgetError` (a ConfigError) if the run would not fit; else the
     estimate. ``evaluate=False``: the populations only (``run_populations``)."""
     st = res.static
-    est = estimate(res)
+    est = estimate(res, params)
     device, host = available() if free is None else free
     if est.engine_bytes > USABLE_FRACTION * device:
         fit = int(USABLE_FRACTION * device // (est.bytes_per_chain * st.num_datasets))

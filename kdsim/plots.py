@@ -3,12 +3,8 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .result import Result
 
 Z95 = 1.959963984540054
 
@@ -175,7 +171,7 @@ def _panel_average(ax, result):
     ax.set_title("Averaged over datasets" + (" (function space)" if prefix else ""))
 
 
-def plot_result(result: "Result", path: str | os.PathLike[str] | None = None):
+def plot_result(result, path: str | os.PathLike[str] | None = None):
     """Overview of one result: gaps, divergences, decomposition, and every bound beside
     the true student gap (per dataset and averaged).
 

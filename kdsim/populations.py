@@ -29,11 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import langevin, models, ordered, sharding, streams
+from . import langevin, losses, sharding, streams
 from .config import LangevinNumeric, Resolved
+from .models import Prepared
 from .progress import NullProgress, Progress, segments
 from .tasks import linear_gaussian as lg
-from .tasks import mlp as mlp_task
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -94,20 +94,12 @@ def _normals(keys: jax.Array, shape: tuple[int, ...], dtype) -> jax.Array:
 
 
 def _sq_norm(tree) -> jax.Array:
-    # fixed order: a reduction kernel's order would change with the batch (kdsim.ordered)
-    return sum(ordered.total(x * x) for x in jax.tree_util.tree_leaves(tree))
-
-
-def _inverse_variance(p: LangevinNumeric) -> jax.Array:
-    """``1 / s0^2``, a scalar the gradients MULTIPLY by. Dividing an array by a traced
-    scalar instead gave last-bit differences between a one-device and a sharded
-    program (XLA rewrites such divisions differently in the two); so do tempered
-    logits, ``f * (1 / tau)``."""
-    return 1 / p.prior_scale**2
+    return sum(jnp.sum(x * x) for x in jax.tree_util.tree_leaves(tree))
 
 
 def _segment(p: LangevinNumeric, grad_energy: Callable, state, acc, keys_noise: jax.Array,
-             start, num_steps: int, data: Any, targets: Any = None, girsanov: bool = False):
+             start, num_steps: int, data: Any, targets: Any = None, girsanov: bool = False, *,
+             schedule: str = "constant", phase_steps: int = 1):
     """Advance a population (leading axes ``(E, P)``) over global steps ``start ..``.
 
     Args:
@@ -116,11 +108,14 @@ def _segment(p: LangevinNumeric, grad_energy: Callable, state, acc, keys_noise: 
         ``sum_t (h_t/4) ||grad U(w_t) - grad U_T(w_t)||^2`` is accumulated into ``acc``.
       data: per-dataset pytree (leading axis E); targets: per-particle pytree
         (leading axes ``(E, P)``) or None.
+      schedule, phase_steps: the step-size schedule (:func:`kdsim.langevin.schedule`) over
+        the whole phase of ``phase_steps`` steps (the segment is a part of it).
     Returns:
       ``(LangevinState, acc)``.
     """
-    kernel = langevin.build_kernel(lambda w, b: grad_energy(w, b[0], b[1]),
-                                   langevin.constant_schedule(p.step_size), has_aux=girsanov)
+    kernel = langevin.build_kernel(
+        lambda w, b: grad_energy(w, b[0], b[1]),
+        langevin.schedule(schedule, p.step_size, phase_steps, p.schedule_offset), has_aux=girsanov)
     if not girsanov:
         state, _ = langevin.run_population(kernel, keys_noise, state, start, num_steps,
                                            batch=data, particle_batch=targets)
@@ -141,7 +136,8 @@ def _initial_state(w0) -> langevin.LangevinState:
 def _advance(segment_fn, state, acc, total_steps: int, progress: Progress, phase: str, **kw):
     """The host loop over jitted scan segments (progress is reported between them)."""
     for start, length in segments(total_steps):
-        state, acc = segment_fn(state, acc, jnp.int32(start), num_steps=length, **kw)
+        state, acc = segment_fn(state, acc, jnp.int32(start), num_steps=length,
+                                phase_steps=total_steps, **kw)
         if progress.bar is not None:
             jax.block_until_ready(state.position)
             progress.update(length, phase)
@@ -163,7 +159,7 @@ def _linear_grad(p: LangevinNumeric):
     def grad(w, data, target):
         C, B_shared = data[0], data[1]
         B = B_shared if target is None else target
-        return p.gamma * lg.quadratic_grad(w, C, B) + _inverse_variance(p) * w
+        return p.gamma * lg.quadratic_grad(w, C, B) + w / p.prior_scale**2
 
     return grad
 
@@ -182,15 +178,15 @@ def _linear_targets(root, datasets, particles, teacher, CyxPi, CxxPi, NoisePi, a
     Per-dataset matrices: ``CyxPi = Cyx Pi``, ``CxxPi = Cxx Pi``, ``NoisePi = Cxx^{1/2} Pi / sqrt(n)``."""
     k, d = CyxPi.shape[-2], CxxPi.shape[-2]
     z = _normals(_keys(root, "soft_label", datasets, particles), (k, d), CxxPi.dtype)
-    # per particle (not one einsum over the population): see lg.chain_matmul
-    per_particle = jax.vmap(jax.vmap(partial(lg.chain_matmul, precision=HIGHEST), in_axes=(0, None)))
+    per_particle = lambda W, C: jnp.einsum("epkd,edr->epkr", W, C, precision=HIGHEST)
     return alpha * CyxPi[:, None] + (1 - alpha) * (
         per_particle(teacher, CxxPi) + teacher_noise * per_particle(z, NoisePi))
 
 
-@partial(jax.jit, static_argnames=("num_steps", "shared_B", "girsanov"))
+@partial(jax.jit, static_argnames=("num_steps", "shared_B", "girsanov", "schedule", "phase_steps"))
 def _linear_segment(state, acc, start, keys_noise, C, B, Cxx, Cyx, p: LangevinNumeric,
-                    p_T: LangevinNumeric, *, num_steps: int, shared_B: bool, girsanov: bool):
+                    p_T: LangevinNumeric, *, num_steps: int, shared_B: bool, girsanov: bool,
+                    schedule: str, phase_steps: int):
     """Teachers (``shared_B``: B = Cyx per dataset) or students (B per particle, in their
     own coordinates V). With ``girsanov`` (full student, Pi = I) the teacher's energy
     gradient ``gamma_T (W Cxx - Cyx) + W / s0_T^2`` is compared along the run."""
@@ -198,15 +194,13 @@ def _linear_segment(state, acc, start, keys_noise, C, B, Cxx, Cyx, p: LangevinNu
 
     def with_teacher(w, data, target):
         g = grad(w, data, target)
-        g_T = p_T.gamma * lg.quadratic_grad(w, data[2], data[3]) + _inverse_variance(p_T) * w
-        # materialised once: the update and the Girsanov sum both read them, and XLA
-        # would otherwise pull the elementwise chains into the sum's reduction kernel
-        return jax.lax.optimization_barrier((g, g - g_T))
+        g_T = p_T.gamma * lg.quadratic_grad(w, data[2], data[3]) + w / p_T.prior_scale**2
+        return g, g - g_T
 
     energy = with_teacher if girsanov else grad
     data = (C, B if shared_B else None, Cxx, Cyx)
     return _segment(p, energy, state, acc, keys_noise, start, num_steps, data,
-                    None if shared_B else B, girsanov)
+                    None if shared_B else B, girsanov, schedule=schedule, phase_steps=phase_steps)
 
 
 def symmetric_sqrt(C: np.ndarray) -> np.ndarray:
@@ -242,7 +236,8 @@ def run_linear(root: jax.Array, res: Resolved, data: lg.LinearData, datasets: np
             noise_stream="teacher_noise"))
         teachers, _ = _advance(_linear_segment, state, None, static.teacher_steps, progress,
                                "teacher", keys_noise=keys, C=Cxx, B=Cyx, Cxx=Cxx, Cyx=Cyx, p=p_T,
-                               p_T=p_T, shared_B=True, girsanov=False)
+                               p_T=p_T, shared_B=True, girsanov=False,
+                               schedule=static.teacher_schedule)
         teacher_w = np.asarray(teachers.position)
         seconds["teacher"] = time.perf_counter() - t0
         Pi, PiT = data.Pi, np.swapaxes(data.Pi, -1, -2)
@@ -259,7 +254,7 @@ def run_linear(root: jax.Array, res: Resolved, data: lg.LinearData, datasets: np
             acc = lay.particles(jnp.zeros((len(datasets), len(particles)), dtype)) if girsanov else None
             return _advance(_linear_segment, state, acc, static.student_steps, progress, phase,
                             keys_noise=keys, C=Cp, B=B, Cxx=Cxx, Cyx=Cyx, p=p_S, p_T=p_T,
-                            shared_B=False, girsanov=girsanov)
+                            shared_B=False, girsanov=girsanov, schedule=static.student_schedule)
 
         # The linear accumulator is cheap, so a full student always carries it (a static
         # property of the shapes): whether Girsanov applies depends on numeric fields
@@ -293,156 +288,124 @@ def run_linear(root: jax.Array, res: Resolved, data: lg.LinearData, datasets: np
 
 
 # ---------------------------------------------------------------------------------------
-# MLP tasks
+# any model (MLP, CNN, user modules): gradients by autodiff of the energy of ONE particle
 
 
-def mlp_models(res: Resolved) -> tuple[models.MLP, models.MLP]:
-    st = res.static
-    out = st.num_classes if st.task == "mlp_classification" else st.k
-    teacher = models.MLP(st.teacher_width, st.teacher_depth, out, st.teacher_activation)
-    student = models.MLP(st.student_width, st.student_depth, out, st.student_activation)
-    return teacher, student
+class ModelData(NamedTuple):
+    """What the engine needs of a task with a model: per-dataset training data."""
+
+    X: Any                 # (E, n, *input_shape)
+    Y: Any                 # (E, n, k) float, or (E, n) int labels
+    classification: bool
 
 
-def mlp_objectives(model: models.MLP, classification: bool):
-    """``(risk, kd_risk)`` of one parameter pytree on one dataset.
+def _prior_term(w, inv_var) -> jax.Array:
+    """``sum_leaf ||w_leaf||^2 / (2 s0^2 s_leaf^2)`` (``inv_var``: per-leaf ``1/(s0 s_leaf)^2``)."""
+    return 0.5 * sum(jnp.sum(c * x * x) for x, c in zip(jax.tree_util.tree_leaves(w),
+                                                          jax.tree_util.tree_leaves(inv_var)))
 
-    ``risk(w, X, Y)`` is the mean task loss (squared / cross-entropy);
-    ``kd_risk(w, X, target, tau)`` the mean distillation loss against per-example targets
-    (soft labels / tempered teacher probabilities).
+
+def _inverse_variances(p: LangevinNumeric, scales) -> Any:
+    return jax.tree_util.tree_map(lambda s: 1.0 / (p.prior_scale * s) ** 2, scales)
+
+
+def teacher_energy_grad(apply: Callable, classification: bool, p: LangevinNumeric, inv_var):
+    """``grad U_T`` for one particle by autodiff:
+    ``U_T(w) = gamma_T Lhat_D(w) + sum_leaf ||w_leaf||^2 / (2 s0^2 s_leaf^2)``.
+
+    Returns ``grad(w, (X, Y), target=None)``.
     """
-    task_loss, kd_loss = prediction_losses(classification)
-    risk = lambda w, X, Y: task_loss(model.apply({"params": w}, X), Y)
-    kd_risk = lambda w, X, target, tau: kd_loss(model.apply({"params": w}, X), target, tau)
-    return risk, kd_risk
+    def energy(w, X, Y):
+        return p.gamma * losses.task_risk(apply(w, X), Y, classification) + _prior_term(w, inv_var)
+
+    def grad(w, data, _target=None):
+        return jax.grad(energy)(w, data[0], data[1])
+
+    return grad
 
 
-def prediction_losses(classification: bool):
-    """Mean task and distillation losses as functions of the predictions ``f`` ``(n, out)``."""
-    loss = mlp_task.cross_entropy if classification else mlp_task.squared_loss
+def student_energy_grad(apply: Callable, classification: bool, p: LangevinNumeric,
+                        p_T: LangevinNumeric, alpha, tau, inv_var, inv_var_T, girsanov: bool):
+    """Gradient of the student's energy (SPEC §2) for one particle, by autodiff:
+    ``U_S(w) = gamma_S [alpha Lhat(w) + (1 - alpha) Lkd(w; target)] + prior``.
 
-    def task_loss(f, Y):
-        return jnp.mean(jax.vmap(loss)(f, Y))
+    Returns ``grad(w, (X, Y), target)``; with ``girsanov`` it returns
+    ``(grad U_S(w), grad U_S(w) - grad U_T(w))`` (the teacher's energy at the same w,
+    which needs the same parameter structure). One ``jax.vjp`` of the model serves both:
+    the two gradients are its pullbacks of two output cotangents.
+    """
+    def grad(w, data, target):
+        X, Y = data[0], data[1]
+        f, pullback = jax.vjp(lambda v: apply(v, X), w)
+        d_task = jax.grad(lambda f: losses.task_risk(f, Y, classification))(f)
+        # alpha = 1 (the scratch student) skips the distillation term entirely
+        d_kd = jax.lax.cond(
+            alpha < 1, lambda: jax.grad(lambda f: losses.kd_risk(f, target, tau, classification))(f),
+            lambda: jnp.zeros_like(f))
+        cot_S = p.gamma * (alpha * d_task + (1 - alpha) * d_kd)
+        prior_S = jax.grad(_prior_term)(w, inv_var)
+        (g_S,) = pullback(cot_S)
+        g_S = jax.tree_util.tree_map(jnp.add, g_S, prior_S)
+        if not girsanov:
+            return g_S
+        (g_diff,) = pullback(cot_S - p_T.gamma * d_task)
+        prior_diff = jax.tree_util.tree_map(jnp.subtract, prior_S, jax.grad(_prior_term)(w, inv_var_T))
+        return g_S, jax.tree_util.tree_map(jnp.add, g_diff, prior_diff)
 
-    def kd_loss(f, target, tau):
-        if classification:
-            return jnp.mean(jax.vmap(mlp_task.kd_classification, in_axes=(0, 0, None))(f, target, tau))
-        return jnp.mean(jax.vmap(mlp_task.kd_regression)(f, target))
-
-    return task_loss, kd_loss
+    return grad
 
 
-@partial(jax.jit, static_argnames=("model", "init_stream", "noise_stream"))
-def _mlp_init(root, datasets, particles, init_scale, X, *, model, init_stream, noise_stream):
-    """Initial parameter pytrees ``N(0, s_init^2)`` (leaves ``(E, P, ...)``) and noise keys."""
-    template = models.param_template(model, X.shape[-1], X.dtype)
+@partial(jax.jit, static_argnames=("structure", "init_stream", "noise_stream", "dtype"))
+def _model_init(root, datasets, particles, init_scale, scales, *, structure, init_stream,
+                noise_stream, dtype):
+    """Initial parameter pytrees ``N(0, (s_init s_leaf)^2)`` (leaves ``(E, P, ...)``) and
+    the noise keys."""
     keys = _keys(root, init_stream, datasets, particles)
     E, P = keys.shape
-    flat = jax.vmap(lambda k: models.init_params(k, template, init_scale))(keys.reshape(-1))
+    zeros = structure.zeros(dtype)
+    flat = jax.vmap(lambda k: jax.tree_util.tree_map(
+        lambda z, s: init_scale * s * z, langevin.gaussian_like(k, zeros), scales))(keys.reshape(-1))
     w0 = jax.tree_util.tree_map(lambda x: x.reshape((E, P) + x.shape[1:]), flat)
     return _initial_state(w0), _keys(root, noise_stream, datasets, particles)
 
 
-def softmax(f: jax.Array) -> jax.Array:
-    """Softmax over the last axis with a fixed-order normaliser (see :mod:`kdsim.ordered`)."""
-    e = jnp.exp(f - ordered.max(f, axis=-1)[..., None])
-    return e / ordered.sum(e, axis=-1)[..., None]
-
-
-def output_cotangents(classification: bool):
-    """Gradients with respect to the predictions ``f`` ``(n, out)`` of the mean task loss
-    and of the mean distillation loss (closed forms of :func:`prediction_losses`' grads):
-    ``task(f, Y)`` and ``kd(f, target, tau)``."""
-    def task(f, Y):
-        n = f.shape[0]
-        if classification:
-            return (softmax(f) - jax.nn.one_hot(Y, f.shape[-1], dtype=f.dtype)) / n
-        return (f - Y) / n
-
-    def kd(f, target, tau):
-        n = f.shape[0]
-        if classification:      # d/df tau^2 KL(p_T || softmax(f / tau)) = tau (q - p_T)
-            return tau * (softmax(f * (1 / tau)) - target) / n
-        return (f - target) / n
-
-    return task, kd
-
-
-def _teacher_energy_grad(model, classification, p: LangevinNumeric):
-    task_cot, _ = output_cotangents(classification)
-
-    def grad(w, data, _target=None):
-        X, Y = data[0], data[1]
-        f, cache = models.forward(w, X, model.activation)
-        g = models.backward(w, cache, p.gamma * task_cot(f, Y), model.activation)
-        return jax.tree_util.tree_map(lambda a, b: a + _inverse_variance(p) * b, g, w)
-
-    return grad
-
-
-def student_energy_grad(model, classification: bool, p: LangevinNumeric, p_T: LangevinNumeric,
-                        alpha, tau, girsanov: bool):
-    """Gradient of the student's energy (SPEC §2) for one particle:
-    ``U_S(w) = gamma_S [alpha Lhat(w) + (1 - alpha) Lkd(w; target)] + ||w||^2 / (2 s0_S^2)``.
-
-    Returns ``grad(w, (X, Y), target)``; with ``girsanov`` it returns
-    ``(grad U_S(w), grad U_S(w) - grad U_T(w))`` (the teacher's energy at the same w).
-    One forward pass serves both loss terms: the gradient is a backward pass with the
-    combined output cotangent (the teacher's objective shares the task-loss cotangent).
-    """
-    task_cot, kd_cot = output_cotangents(classification)
-
-    def grad(w, data, tgt):
-        X_e, Y_e = data[0], data[1]
-        f, cache = models.forward(w, X_e, model.activation)
-        back = lambda g_f: models.backward(w, cache, g_f, model.activation)
-        g_task = task_cot(f, Y_e)
-        # alpha = 1 (the scratch student) skips the distillation term entirely
-        g_kd = jax.lax.cond(alpha < 1, lambda: kd_cot(f, tgt, tau), lambda: jnp.zeros_like(f))
-        g_S = back(p.gamma * (alpha * g_task + (1 - alpha) * g_kd))
-        g_S = jax.tree_util.tree_map(lambda a, b: a + _inverse_variance(p) * b, g_S, w)
-        if not girsanov:
-            return g_S
-        g_diff = back((p.gamma * alpha - p_T.gamma) * g_task + p.gamma * (1 - alpha) * g_kd)
-        shrink = _inverse_variance(p) - _inverse_variance(p_T)
-        return g_S, jax.tree_util.tree_map(lambda a, b: a + shrink * b, g_diff, w)
-
-    return grad
-
-
-@partial(jax.jit, static_argnames=("teacher_model", "classification"))
-def _mlp_targets(root, datasets, particles, teacher, X, teacher_noise, tau, *, teacher_model,
-                 classification):
-    """Per-student targets ``(E, P, n, out)``: tempered teacher probabilities
-    (classification) or soft labels ``f_T(x) + nu_T e`` (regression)."""
-    apply = lambda w, X_e: models.apply(w, X_e, teacher_model.activation)
+@partial(jax.jit, static_argnames=("apply", "classification"))
+def _model_targets(root, datasets, particles, teacher, X, teacher_noise, tau, *, apply,
+                   classification):
+    """Per-student targets ``(E, P, n, out)``, computed once from the frozen partner:
+    tempered teacher probabilities (classification) or soft labels ``f_T(x) + nu_T e``."""
     f_T = jax.vmap(lambda w_e, X_e: jax.vmap(apply, in_axes=(0, None))(w_e, X_e))(teacher, X)
+    target = losses.soft_targets(f_T, tau, classification)
     if classification:
-        return softmax(f_T * (1 / tau))
+        return target
     e = _normals(_keys(root, "soft_label", datasets, particles), f_T.shape[2:], f_T.dtype)
-    return f_T + teacher_noise * e
+    return target + teacher_noise * e
 
 
-@partial(jax.jit, static_argnames=("model", "classification", "num_steps", "girsanov"))
-def _mlp_segment(state, acc, start, keys_noise, X, Y, target, p: LangevinNumeric,
-                 p_T: LangevinNumeric, alpha, tau, *, model, classification, num_steps: int,
-                 girsanov: bool):
-    """Teachers (``target`` None) or students of an MLP task over one segment of steps."""
+@partial(jax.jit, static_argnames=("apply", "classification", "num_steps", "girsanov",
+                                   "schedule", "phase_steps"))
+def _model_segment(state, acc, start, keys_noise, X, Y, target, p: LangevinNumeric,
+                   p_T: LangevinNumeric, alpha, tau, inv_var, inv_var_T, *, apply, classification,
+                   num_steps: int, girsanov: bool, schedule: str, phase_steps: int):
+    """Teachers (``target`` None) or students over one segment of steps."""
     if target is None:
-        grad = _teacher_energy_grad(model, classification, p)
+        grad = teacher_energy_grad(apply, classification, p, inv_var)
     else:
-        grad = student_energy_grad(model, classification, p, p_T, alpha, tau, girsanov)
-    return _segment(p, grad, state, acc, keys_noise, start, num_steps, (X, Y), target, girsanov)
+        grad = student_energy_grad(apply, classification, p, p_T, alpha, tau, inv_var, inv_var_T,
+                                   girsanov)
+    return _segment(p, grad, state, acc, keys_noise, start, num_steps, (X, Y), target, girsanov,
+                    schedule=schedule, phase_steps=phase_steps)
 
 
-def run_mlp(root: jax.Array, res: Resolved, data: mlp_task.MLPData, datasets: np.ndarray,
-            particles: np.ndarray, progress: Progress | None = None) -> Populations:
-    """Train teacher, student (and scratch student) MLP populations."""
+def run_model(root: jax.Array, res: Resolved, data: ModelData, datasets: np.ndarray,
+              particles: np.ndarray, models: tuple[Prepared, Prepared],
+              progress: Progress | None = None) -> Populations:
+    """Train teacher, student (and scratch student) populations of any models."""
     st, nm = res.static, res.numeric
     progress = progress or NullProgress()
     dtype = jnp.dtype(st.dtype)
-    classification = st.task == "mlp_classification"
-    teacher_model, student_model = mlp_models(res)
+    classification = data.classification
+    teacher_model, student_model = models
     seconds = {}
     lay = sharding.layout(len(datasets), len(particles))
     with jax.enable_x64(st.dtype == "float64"):
@@ -452,25 +415,31 @@ def run_mlp(root: jax.Array, res: Resolved, data: mlp_task.MLPData, datasets: np
         Y = lay.datasets(jnp.asarray(data.Y) if classification else _cast(data.Y, dtype))
         p_T, p_S = _cast(nm.teacher, dtype), _cast(nm.student, dtype)
         tau = _cast(nm.temperature, dtype)
-        common = dict(X=X, Y=Y, p_T=p_T, tau=tau, classification=classification)
+        scales_T, scales_S = teacher_model.scale_tree(dtype), student_model.scale_tree(dtype)
+        inv_T = _inverse_variances(p_T, scales_T)
+        common = dict(X=X, Y=Y, p_T=p_T, tau=tau, classification=classification, inv_var_T=inv_T)
         t0 = time.perf_counter()
-        state, keys = lay.particles(_mlp_init(root, ds, ps, p_T.init_scale, X, model=teacher_model,
-                                              init_stream="teacher_init", noise_stream="teacher_noise"))
-        teachers, _ = _advance(_mlp_segment, state, None, st.teacher_steps, progress, "teacher",
+        state, keys = lay.particles(_model_init(
+            root, ds, ps, p_T.init_scale, scales_T, structure=teacher_model.structure,
+            init_stream="teacher_init", noise_stream="teacher_noise", dtype=st.dtype))
+        teachers, _ = _advance(_model_segment, state, None, st.teacher_steps, progress, "teacher",
                                keys_noise=keys, target=None, p=p_T, alpha=_cast(1.0, dtype),
-                               model=teacher_model, girsanov=False, **common)
+                               inv_var=inv_T, apply=teacher_model.apply, girsanov=False,
+                               schedule=st.teacher_schedule, **common)
         jax.block_until_ready(teachers)
         seconds["teacher"] = time.perf_counter() - t0
 
         def student(alpha, teacher_noise, girsanov, phase):
-            target = _mlp_targets(root, ds, ps, teachers.position, X, _cast(teacher_noise, dtype),
-                                  tau, teacher_model=teacher_model, classification=classification)
-            state, keys = lay.particles(_mlp_init(root, ds, ps, p_S.init_scale, X, model=student_model,
-                                                  init_stream="student_init", noise_stream="student_noise"))
+            target = _model_targets(root, ds, ps, teachers.position, X, _cast(teacher_noise, dtype),
+                                    tau, apply=teacher_model.apply, classification=classification)
+            state, keys = lay.particles(_model_init(
+                root, ds, ps, p_S.init_scale, scales_S, structure=student_model.structure,
+                init_stream="student_init", noise_stream="student_noise", dtype=st.dtype))
             acc = lay.particles(jnp.zeros((len(datasets), len(particles)), dtype)) if girsanov else None
-            out = _advance(_mlp_segment, state, acc, st.student_steps, progress, phase,
+            out = _advance(_model_segment, state, acc, st.student_steps, progress, phase,
                            keys_noise=keys, target=target, p=p_S, alpha=_cast(alpha, dtype),
-                           model=student_model, girsanov=girsanov, **common)
+                           inv_var=_inverse_variances(p_S, scales_S), apply=student_model.apply,
+                           girsanov=girsanov, schedule=st.student_schedule, **common)
             jax.block_until_ready(out[0])
             return out
 

@@ -1,4 +1,8 @@
-"""The :class:`Result` of a simulation and its dataset-level summary."""
+"""The :class:`Result` of a simulation and its dataset-level summary.
+
+:mod:`kdsim.io` and :mod:`kdsim.plots` work on a Result's fields and never import this
+module; the Result's ``save`` and ``plot`` and :func:`load_result` call them.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from . import io, plots
 from .config import SimConfig
 from .stats import bootstrap_ci
 
@@ -69,13 +74,11 @@ class Result:
 
     def save(self, path: str | os.PathLike[str]) -> str:
         """Write ``path/result.json`` and ``path/result.npz`` (no pickle). Returns path."""
-        from .io import save_result
-        return save_result(self, path)
+        return io.save_result(self, path)
 
     def plot(self, path: str | os.PathLike[str] | None = None):
         """Draw the result (see :func:`kdsim.plots.plot_result`); save to ``path`` if given."""
-        from .plots import plot_result
-        return plot_result(self, path)
+        return plots.plot_result(self, path)
 
     def table(self, quantities: list[str] | None = None) -> pd.DataFrame:
         """The summary restricted to ``quantities`` (default: the headline ones)."""
@@ -97,6 +100,12 @@ class Result:
         return (f"Result(task={cfg.task.name!r}, datasets={cfg.num_datasets}, "
                 f"particles={cfg.num_particles}, columns={len(self.per_dataset.columns)}, "
                 f"notes={len(self.notes)})")
+
+
+def load_result(path: str | os.PathLike[str]) -> Result:
+    """Load a folder written by :meth:`Result.save` (JSON + npz, no pickle); verifies the
+    schema, the npz checksum and the config hash (:class:`kdsim.ResultFileError`)."""
+    return Result(**io.read_result(path))
 
 
 HEADLINE = [

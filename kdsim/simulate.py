@@ -13,10 +13,11 @@ import jax
 import numpy as np
 import pandas as pd
 
-from . import distributed, memory, populations, streams
+from . import memory, populations, sharding, streams
 from .config import ConfigError, Resolved, SimConfig, linear_curvature_estimate, resolve
 from .evaluation import linear_columns
 from .evaluation_mlp import mlp_columns
+from .models import Prepared, builtin, prepare, same_structure
 from .progress import Progress
 from .progress import enabled as progress_enabled
 from .result import Result, summarize
@@ -40,9 +41,7 @@ class Run(NamedTuple):
     data: Any                      # tasks.linear_gaussian.LinearData | tasks.mlp.MLPData
     populations: populations.Populations
     seconds: float
-
-
-LinearRun = Run   # backwards-compatible name
+    models: tuple[Prepared, Prepared] | None = None   # teacher, student (tasks with models)
 
 
 def _as_config(config: SimConfig | Mapping[str, Any]) -> SimConfig:
@@ -53,35 +52,94 @@ def _as_config(config: SimConfig | Mapping[str, Any]) -> SimConfig:
     raise ConfigError(f"config must be a SimConfig or a mapping, got {type(config).__name__}")
 
 
-def run_populations(config: SimConfig | Mapping[str, Any], progress: bool | None = None) -> Run:
+def run_populations(config: SimConfig | Mapping[str, Any], progress: bool | None = None, *,
+                    teacher_model: Any = None, student_model: Any = None) -> Run:
     """Draw the datasets and train the teacher and student populations (no estimation).
 
     For notebooks and tests that need the particles themselves. ``progress``: show a
-    progress bar (default: on a terminal, off when ``CI`` is set).
+    progress bar (default: on a terminal, off when ``CI`` is set). ``teacher_model``,
+    ``student_model``: as for :func:`simulate`.
     """
     cfg = _as_config(config)
     res = resolve(cfg)
-    memory.check(res, evaluate=False)
-    return _populations(cfg, res, progress)
+    res, models = prepare_models(cfg, res, teacher_model, student_model)
+    memory.check(res, evaluate=False, params=_param_counts(models))
+    return _populations(cfg, res, models, progress)
 
 
-def _populations(cfg: SimConfig, res: Resolved, progress: bool | None) -> Run:
+def _task_info(cfg: SimConfig, res: Resolved) -> tuple[tuple, int, str]:
+    """The models' input shape, output width and what the outputs are, for a task."""
+    st = res.static
+    if st.task == "mlp_classification":
+        return (st.d,), st.num_classes, "class logits"
+    return (st.d,), st.k, "regression outputs"
+
+
+def prepare_models(cfg: SimConfig, res: Resolved, teacher_model: Any = None,
+                   student_model: Any = None) -> tuple[Resolved, tuple[Prepared, Prepared] | None]:
+    """Build (built-in) or adapt (user) the teacher and student models and check them
+    against the task before anything runs; decide whether Girsanov applies by comparing
+    the two parameter structures and per-leaf scales.
+
+    Raises:
+      ConfigError (a :class:`kdsim.models.ModelError` is one) naming the model and the
+      shapes: a model that does not fit the task, or a Girsanov request between different
+      structures.
+    """
+    st = res.static
+    if st.task == "linear_gaussian":
+        if teacher_model is not None or student_model is not None:
+            raise ConfigError("teacher_model / student_model need a task with models "
+                              "(mlp_regression, mlp_classification); linear_gaussian has its own "
+                              "linear model")
+        return res, None
+    input_shape, out, what = _task_info(cfg, res)
+    prepared = []
+    for role, given, mcfg in (("teacher_model", teacher_model, cfg.teacher.model),
+                              ("student_model", student_model, cfg.student.model)):
+        model = given if given is not None else builtin(mcfg, out, input_shape, st.dtype)
+        prepared.append(prepare(model, role=role, input_shape=input_shape, out=out,
+                                dtype=st.dtype, bias_scale=mcfg.bias_scale, what_out=what))
+    teacher, student = prepared
+    reason = res.girsanov_reason
+    if not reason:
+        if not same_structure(teacher, student):
+            reason = (f"the student's parameter structure differs from the teacher's (teacher "
+                      f"{teacher.name}: {_shapes(teacher)}; student {student.name}: {_shapes(student)})")
+        elif teacher.scales != student.scales:
+            reason = "the student's initial law differs from the teacher's (per-leaf scales differ)"
+    if reason and (cfg.estimators.girsanov is True or cfg.estimators.bound_divergence == "girsanov"):
+        asked = ("estimators.girsanov = true" if cfg.estimators.girsanov is True
+                 else "estimators.bound_divergence = 'girsanov'")
+        raise ConfigError(f"{asked} does not apply: {reason}")
+    res = res._replace(girsanov=res.girsanov and not reason, girsanov_reason=reason)
+    return res, (teacher, student)
+
+
+def _shapes(model: Prepared) -> str:
+    return f"{model.num_params} parameters in {len(model.structure.shapes)} leaves"
+
+
+def _param_counts(models: tuple[Prepared, Prepared] | None) -> tuple[int, int] | None:
+    return None if models is None else (models[0].num_params, models[1].num_params)
+
+
+def _populations(cfg: SimConfig, res: Resolved, models, progress: bool | None) -> Run:
     st = res.static
     chunks = -(-st.num_particles // st.particle_chunk)
     steps = (st.teacher_steps + st.student_steps * (2 if res.scratch else 1)) * chunks
     with Progress(steps, "kdsim run", enabled=progress_enabled(progress)) as bar:
-        return _run(cfg, res, bar)
+        return _run(cfg, res, models, bar)
 
 
-def _run(cfg: SimConfig, res: Resolved, bar: Progress) -> Run:
+def _run(cfg: SimConfig, res: Resolved, models, bar: Progress) -> Run:
     """Draw the data, then train the population chunk by chunk of particles.
 
     Every draw is keyed by global dataset and particle index, so a chunked run draws
-    exactly the numbers of an unchunked one and, its arithmetic being per-chain chains in
-    a fixed order (:mod:`kdsim.ordered`), ends in bit-identical states; only
-    ``num_datasets x particle_chunk`` chains are on the device at a time. Under
-    multi-host JAX each process trains its share of the datasets (or particles) and the
-    shares are gathered on every process.
+    exactly the numbers of an unchunked one (its arithmetic agrees to float32 rounding:
+    see :mod:`kdsim.sharding`); only ``num_datasets x particle_chunk`` chains are on the
+    device at a time. Under multi-host JAX each process trains its share of the datasets
+    (or particles) and the shares are gathered on every process.
     """
     st, nm = res.static, res.numeric
     root = streams.root_key(cfg.seed)
@@ -98,14 +156,18 @@ def _run(cfg: SimConfig, res: Resolved, bar: Progress) -> Run:
             root, ds, n=st.n, d=st.d, out=st.num_classes if classification else st.k,
             n_test=st.n_test, planted_width=st.planted_width, planted_scale=nm.planted_scale,
             noise=nm.noise, classification=classification)
-        engine = populations.run_mlp
+
+        def engine(root, res, data, datasets, particles, bar):
+            task = populations.ModelData(data.X, data.Y, data.classification)
+            return populations.run_model(root, res, task, datasets, particles, models, bar)
     data = make(np.arange(st.num_datasets))
-    share = distributed.process_share(st.num_datasets, st.num_particles)
+    share = sharding.process_share(st.num_datasets, st.num_particles)
     with jax.default_matmul_precision(st.engine_precision):
         local = _train(engine, root, res, make(share.datasets) if share.axis == 0 else data,
                        share.datasets, share.particles, bar)
-    pops = distributed.gather_populations(local, share)
-    return Run(cfg, res, data, pops, time.perf_counter() - t0)
+    pops = populations.Populations(**populations.map_arrays(lambda x: sharding.gather(x, share), local),
+                                   seconds=dict(local.seconds))
+    return Run(cfg, res, data, pops, time.perf_counter() - t0, models)
 
 
 def _train(engine, root, res: Resolved, data, datasets: np.ndarray, particles: np.ndarray,
@@ -113,23 +175,22 @@ def _train(engine, root, res: Resolved, data, datasets: np.ndarray, particles: n
     """The given (global) datasets and particles, ``particle_chunk`` particles at a time."""
     P = len(particles)
     chunk = min(res.static.particle_chunk, P)
-    if len(datasets) * chunk < 2:
-        # never a batch of ONE chain: XLA compiles it without the batch axis, and its
-        # float32 arithmetic can then differ in the last bit (kdsim.ordered); a second,
-        # dropped chain keeps every batch alike
-        chunk = 2
     # every chunk has the same shape (the last one padded with extra chains that are
-    # dropped): one compiled program, and the same arithmetic for every particle
+    # dropped): one compiled program for every chunk
     ids = np.concatenate([particles, particles[-1] + 1 + np.arange(-P % chunk)])
     parts = [engine(root, res, data, datasets, ids[lo:lo + chunk], bar) for lo in range(0, P, chunk)]
     return parts[0] if len(parts) == 1 and chunk == P else populations.concatenate(parts, P)
 
 
-def simulate(config: SimConfig | Mapping[str, Any], progress: bool | None = None) -> Result:
+def simulate(config: SimConfig | Mapping[str, Any], teacher_model: Any = None,
+             student_model: Any = None, progress: bool | None = None) -> Result:
     """Run one simulation and estimate every quantity of the theory.
 
     Args:
       config: a :class:`SimConfig` or a (partial) mapping accepted by ``SimConfig.from_dict``.
+      teacher_model, student_model: a flax ``linen`` module, a flax ``nnx`` module or a
+        :class:`kdsim.Model` ``(init, apply)``; given, it replaces ``teacher.model`` /
+        ``student.model`` of the config (tasks with models: the MLP tasks).
       progress: show a progress bar over the Langevin steps (default: on a terminal,
         off when the environment variable ``CI`` is set).
     Returns:
@@ -139,8 +200,9 @@ def simulate(config: SimConfig | Mapping[str, Any], progress: bool | None = None
     t0 = time.perf_counter()
     cfg = _as_config(config)
     res = resolve(cfg)
-    memory.check(res)                      # the estimators' memory too, before any work
-    run = _populations(cfg, res, progress)
+    res, models = prepare_models(cfg, res, teacher_model, student_model)
+    memory.check(res, params=_param_counts(models))   # the estimators' memory too, before any work
+    run = _populations(cfg, res, models, progress)
     check_divergence(run)
     if run.resolved.static.task == "linear_gaussian":
         per_dataset, pooled, notes = linear_columns(run)
@@ -150,7 +212,8 @@ def simulate(config: SimConfig | Mapping[str, Any], progress: bool | None = None
         datasets = {"X": run.data.X.astype(np.float64), "Y": run.data.Y,
                     "planted_A": run.data.A, "planted_B": run.data.B}
     summary = summarize(per_dataset, seed=run.config.seed)
-    notes = list(run.resolved.warnings) + notes + summary_notes(per_dataset)
+    model_notes = [] if models is None else [m.describe_scales() for m in models]
+    notes = list(run.resolved.warnings) + model_notes + notes + summary_notes(per_dataset)
     st = run.resolved.static
     meta = {
         "engine_seconds": run.seconds,
@@ -161,6 +224,12 @@ def simulate(config: SimConfig | Mapping[str, Any], progress: bool | None = None
                      "bound_divergence": run.resolved.bound_divergence,
                      "cgf": run.resolved.cgf},
     }
+    if models is not None:
+        user = {"teacher": teacher_model, "student": student_model}
+        meta["models"] = {role: {"name": m.name, "custom": user[role] is not None,
+                                 "class": type(user[role]).__name__ if user[role] is not None else None,
+                                 "num_params": m.num_params, "scales": m.scale_source}
+                          for role, m in zip(("teacher", "student"), models)}
     return Result(config=run.config, per_dataset=per_dataset, summary=summary,
                   datasets=datasets, notes=notes, meta=meta, pooled=pooled)
 

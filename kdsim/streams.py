@@ -76,10 +76,6 @@ def step_key(key: jax.Array, t: jax.Array | int) -> jax.Array:
     return jax.random.fold_in(key, t)
 
 
-def index_range(start: int, size: int) -> jax.Array:
-    return jnp.arange(start, start + size, dtype=jnp.uint32)
-
-
 def normal(key: jax.Array, shape: tuple[int, ...], dtype=jnp.float32) -> jax.Array:
     """Standard normal draws of ``shape``, generated flat and reshaped.
 

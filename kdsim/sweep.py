@@ -27,15 +27,18 @@ import difflib
 import itertools
 import json
 import os
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 
+import hashlib
+
 from . import io
-from .config import ConfigError, SimConfig, field_paths
+from .models.protocol import fingerprint
+from .config import ConfigError, SimConfig, field_paths, read_toml
 from .progress import Progress
 from .progress import enabled as progress_enabled
-from .result import Result
+from .result import Result, load_result
 from .simulate import DivergenceError, _as_config, simulate
 
 SCHEMA = "kdsim.sweep/1"
@@ -74,24 +77,36 @@ def point_configs(config: SimConfig, grid: Mapping[str, Sequence[Any]]) -> list[
     return out
 
 
-def _point_dir(root: str, index: int, cfg: SimConfig) -> str:
-    return os.path.join(root, "points", f"{index:05d}-{cfg.hash()[:12]}")
+def point_hash(cfg: SimConfig, inputs: Mapping[str, Any] | None = None) -> str:
+    """A point's identity: its config, and the user models it runs (if any), so a
+    resumed sweep never mixes results of other models."""
+    if not inputs:
+        return cfg.hash()
+    text = cfg.hash() + "".join(f"|{k}={fingerprint(v)}" for k, v in sorted(inputs.items())
+                                if v is not None)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _point_dir(root: str, index: int, hash_: str) -> str:
+    return os.path.join(root, "points", f"{index:05d}-{hash_[:12]}")
 
 
 def _write_manifest(out: str, config: SimConfig, grid: Mapping[str, Sequence[Any]],
-                    points: list[tuple[dict, SimConfig]]) -> None:
+                    points: list[tuple[dict, SimConfig]], inputs: Mapping[str, Any]) -> None:
     manifest = {
         "schema": SCHEMA, "kdsim_version": io.kdsim_version(), "base": config.to_dict(),
         "grid": {k: list(v) for k, v in grid.items()},
-        "points": [{"index": i, "values": values, "hash": cfg.hash()}
+        "models": {k: fingerprint(v) for k, v in sorted(inputs.items())},
+        "points": [{"index": i, "values": values, "hash": point_hash(cfg, inputs)}
                    for i, (values, cfg) in enumerate(points)],
     }
     path = os.path.join(out, MANIFEST)
     if os.path.exists(path):
         old = read_manifest(out)
-        if old["base"] != manifest["base"] or old["grid"] != manifest["grid"]:
-            raise SweepError(f"{out} holds a different sweep (base config or grid differ); "
-                             "choose another --out folder")
+        if old["base"] != manifest["base"] or old["grid"] != manifest["grid"] \
+                or old.get("models", {}) != manifest["models"]:
+            raise SweepError(f"{out} holds a different sweep (base config, grid or models "
+                             "differ); choose another --out folder")
         return
     os.makedirs(os.path.join(out, "points"), exist_ok=True)
     io.atomic_write_bytes(path, json.dumps(io._jsonable(manifest), indent=1).encode())
@@ -111,10 +126,11 @@ def load_point(folder: str, expected_hash: str) -> Result | None:
     if not os.path.exists(os.path.join(folder, io.JSON_NAME)):
         return None
     try:
-        res = io.load_result(folder)
+        res = load_result(folder)
     except (io.ResultFileError, ConfigError, KeyError, ValueError, OSError):
         return None
-    return res if res.config.hash() == expected_hash else None
+    stored = res.meta.get("sweep_point", {}).get("hash", res.config.hash())
+    return res if stored == expected_hash else None
 
 
 def point_table(values: Mapping[str, Any], index: int, res: Result) -> pd.DataFrame:
@@ -125,21 +141,26 @@ def point_table(values: Mapping[str, Any], index: int, res: Result) -> pd.DataFr
     return pd.concat([pd.DataFrame(front, index=df.index), df], axis=1)
 
 
-def run_point(out: str | None, index: int, values: Mapping[str, Any], cfg: SimConfig) -> Result:
-    """Run one point and, with a store, save it atomically (used by workers too)."""
+def run_point(out: str | None, index: int, values: Mapping[str, Any], cfg: SimConfig,
+              **inputs: Any) -> Result:
+    """Run one point and, with a store, save it atomically (used by workers too).
+
+    ``inputs``: ``teacher_model`` / ``student_model`` passed on to :func:`kdsim.simulate`."""
     try:
-        res = simulate(cfg, progress=False)
+        res = simulate(cfg, progress=False, **inputs)
     except DivergenceError as err:     # finished points stay in the store
         raise DivergenceError(f"sweep point {index} {dict(values)}: {err}", err.run) from None
-    res.meta["sweep_point"] = {"index": index, "values": dict(values)}
+    res.meta["sweep_point"] = {"index": index, "values": dict(values),
+                               "hash": point_hash(cfg, inputs)}
     if out is not None:
-        res.save(_point_dir(out, index, cfg))
+        res.save(_point_dir(out, index, point_hash(cfg, inputs)))
     return res
 
 
 def sweep(config: SimConfig | Mapping[str, Any], grid: Mapping[str, Sequence[Any]],
           out: str | os.PathLike[str] | None = None, *, progress: bool | None = None,
-          executor: Any = None) -> pd.DataFrame:
+          executor: Any = None, teacher_model: Any = None,
+          student_model: Any = None) -> pd.DataFrame:
     """Run every point of ``grid`` over ``config``; resume from ``out`` if it holds one.
 
     Args:
@@ -147,21 +168,26 @@ def sweep(config: SimConfig | Mapping[str, Any], grid: Mapping[str, Sequence[Any
       grid: dotted field names to lists of values, e.g. ``{"task.n": [16, 64, 256]}``.
       out: the store folder (None: in memory only, nothing is resumable).
       progress: a progress bar over points (default: on a terminal, off under ``CI``).
-      executor: optional ``executor(out, todo) -> None`` that computes the listed
+      executor: optional ``executor(out, todo, inputs) -> None`` that computes the listed
         ``(index, values, config)`` points into the store elsewhere (e.g.
-        :func:`kdsim.distributed.ray_executor`); default: here, one after the other.
+        :func:`ray_executor`); default: here, one after the other.
+      teacher_model, student_model: user models passed to every point's
+        :func:`kdsim.simulate` (they are part of each point's identity in the store).
     Returns:
       the tidy table (one row per point and dataset).
     """
+    inputs = {k: v for k, v in (("teacher_model", teacher_model),
+                                ("student_model", student_model)) if v is not None}
     base = _as_config(config)
     points = point_configs(base, grid)
     out = None if out is None else os.fspath(out)
     results: dict[int, Result] = {}
     todo = []
     if out is not None:
-        _write_manifest(out, base, grid, points)
+        _write_manifest(out, base, grid, points, inputs)
         for i, (values, cfg) in enumerate(points):
-            res = load_point(_point_dir(out, i, cfg), cfg.hash())
+            h = point_hash(cfg, inputs)
+            res = load_point(_point_dir(out, i, h), h)
             if res is not None:
                 results[i] = res
             else:
@@ -171,9 +197,10 @@ def sweep(config: SimConfig | Mapping[str, Any], grid: Mapping[str, Sequence[Any
     if executor is not None and todo:
         if out is None:
             raise ConfigError("an executor needs a store: pass out=DIR")
-        executor(out, todo)
+        executor(out, todo, inputs)
         for i, values, cfg in todo:
-            res = load_point(_point_dir(out, i, cfg), cfg.hash())
+            h = point_hash(cfg, inputs)
+            res = load_point(_point_dir(out, i, h), h)
             if res is None:
                 raise SweepError(f"point {i} {values} did not finish in {out}")
             results[i] = res
@@ -182,7 +209,7 @@ def sweep(config: SimConfig | Mapping[str, Any], grid: Mapping[str, Sequence[Any
                       enabled=progress_enabled(progress)) as bar:
             bar.update(len(points) - len(todo))
             for i, values, cfg in todo:
-                results[i] = run_point(out, i, values, cfg)
+                results[i] = run_point(out, i, values, cfg, **inputs)
                 bar.update(1, ", ".join(f"{k}={v}" for k, v in values.items()))
     return pd.concat([point_table(points[i][0], i, results[i]) for i in sorted(results)],
                      ignore_index=True)
@@ -195,11 +222,9 @@ def load_sweep(out: str | os.PathLike[str]) -> pd.DataFrame:
     """
     out = os.fspath(out)
     manifest = read_manifest(out)
-    base = SimConfig.from_dict(manifest["base"])
     frames, missing = [], []
     for entry in manifest["points"]:
-        cfg = base.replace(entry["values"])
-        res = load_point(_point_dir(out, entry["index"], cfg), entry["hash"])
+        res = load_point(_point_dir(out, entry["index"], entry["hash"]), entry["hash"])
         if res is None:
             missing.append(entry["index"])
             continue
@@ -214,7 +239,6 @@ def load_sweep(out: str | os.PathLike[str]) -> pd.DataFrame:
 
 def load_sweep_file(path: str | os.PathLike[str]) -> tuple[SimConfig, dict[str, list]]:
     """A sweep TOML file: a ``[base]`` table (a config) and a ``[grid]`` table."""
-    from .config import read_toml
     data = read_toml(path)
     unknown = set(data) - {"base", "grid"}
     if unknown:
@@ -238,5 +262,56 @@ def _flatten(table: Mapping[str, Any], prefix: str = "") -> dict[str, list]:
     return out
 
 
-def swept_fields(table: pd.DataFrame) -> list[str]:
-    return [c for c in table.columns[: list(table.columns).index("point")]]
+# ---------------------------------------------------------------------------------------
+# Ray: sweep points as tasks of an existing distributed engine, no home-made scheduler.
+#
+# Each point is one Ray task that runs run_point and writes its result into the sweep's
+# store, atomically, exactly as a serial sweep would; the driver then reads the store
+# back. A point's numbers depend only on its config (and models), so the table equals
+# the serial sweep's, whatever ran where. Across machines the store folder must be on a
+# filesystem every worker sees (NFS, a mounted bucket).
+#
+#     kdsim.sweep(base, grid, out="runs/big", executor=kdsim.ray_executor(num_gpus=1))
+
+
+def _run_point_task(out: str, index: int, values: Mapping[str, Any], config: Mapping[str, Any],
+                    inputs: Mapping[str, Any]) -> int:
+    run_point(out, index, values, SimConfig.from_dict(config), **inputs)
+    return index
+
+
+def ray_executor(num_cpus: float = 1, num_gpus: float = 0, address: str | None = None,
+                 init_kwargs: Mapping[str, Any] | None = None) -> Callable[[str, Sequence], None]:
+    """An executor for :func:`kdsim.sweep` that runs every point as a Ray task.
+
+    Args:
+      num_cpus, num_gpus: resources each point asks for (``num_gpus=1``: one GPU per point).
+      address: the Ray cluster (``"auto"``, ``"ray://host:10001"``); None starts or joins
+        a local one.
+      init_kwargs: further ``ray.init`` arguments (used only if Ray is not running yet).
+    Raises:
+      ImportError: Ray is missing (``pip install "kdsim[ray]"``).
+    """
+    try:
+        import ray
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError('the Ray executor needs Ray: pip install "kdsim[ray]"') from err
+
+    def execute(out: str, todo: Sequence, inputs: Mapping[str, Any] | None = None) -> None:
+        if not ray.is_initialized():
+            ray.init(address=address, **dict(init_kwargs or {}))
+        task = ray.remote(num_cpus=num_cpus, num_gpus=num_gpus)(_run_point_task)
+        # configs travel as plain data (dicts); user models (if any) as Ray objects
+        shared = ray.put(dict(inputs or {}))
+        refs = [task.remote(out, i, dict(values), cfg.to_dict(), shared) for i, values, cfg in todo]
+        ray.wait(refs, num_returns=len(refs))    # every point runs to its end first
+        errors = []
+        for ref in refs:
+            try:
+                ray.get(ref)
+            except Exception as err:  # noqa: BLE001 - re-raised below, after the others
+                errors.append(err)
+        if errors:      # finished points are in the store; a rerun resumes from them
+            raise errors[0]
+
+    return execute

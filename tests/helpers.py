@@ -93,3 +93,30 @@ def gaussian_kl(m0, S0, m1, S1):
 def z_from_p(p):
     """One-sided z of a p-value (large = evidence against the null)."""
     return float(sps.norm.isf(np.clip(p, 1e-300, 1.0)))
+
+
+# SPEC §11: a population split over devices, chunks or processes draws the same numbers,
+# but XLA may pick other kernels for other batch shapes, so states agree to the engine's
+# rounding (growing slowly along the run) and float64 estimates to about 1e-10 relative.
+LAYOUT_RTOL = {np.dtype(np.float32): 2e-5, np.dtype(np.float64): 1e-12}
+ESTIMATE_RTOL_F64 = 1e-10
+
+
+def layout_difference(got, want) -> float:
+    """Largest absolute difference of two state arrays, relative to the states' scale."""
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.shape == want.shape and got.dtype == want.dtype, (got.shape, want.shape, got.dtype, want.dtype)
+    if got.size == 0:
+        return 0.0
+    scale = max(1.0, float(np.max(np.abs(want))))
+    return float(np.max(np.abs(got.astype(np.float64) - want.astype(np.float64)))) / scale
+
+
+def assert_layout_close(got, want, what: str = "", engine_dtype: str = "float32") -> float:
+    """States of another layout agree with the reference to the SPEC §11 tolerance of the
+    precision the engine computed them in (Girsanov sums are stored as float64 but
+    accumulated in the engine's dtype)."""
+    diff = layout_difference(got, want)
+    tol = LAYOUT_RTOL[np.dtype(engine_dtype)]
+    assert diff <= tol, f"{what}: relative difference {diff:.3g} > {tol:g}"
+    return diff

@@ -8,7 +8,7 @@ from kdsim import langevin, streams
 
 
 def _quadratic_kernel(A, b, h):
-    return langevin.build_kernel(lambda w, _: A @ w - b, langevin.constant_schedule(h))
+    return langevin.build_kernel(lambda w, _: A @ w - b, langevin.schedule("constant", h, 1))
 
 
 def test_step_is_euler_maruyama_with_the_stream_noise():

@@ -58,24 +58,38 @@ def test_planted_network_and_classification_labels():
     del f2
 
 
+def _prepared(width=6, depth=2, out=3, d=5, kind="mlp"):
+    cfg = kdsim.ModelConfig(kind=kind, width=width, depth=depth, activation="tanh")
+    model = models.builtin(cfg, out, (d,))
+    return model, models.prepare(model, role="teacher_model", input_shape=(d,), out=out,
+                                 dtype="float32")
+
+
+def _draws(prepared, P, init_scale=0.7, stream="teacher_init"):
+    """Initial particles of one dataset, as the engine draws them (leaves ``(P, ...)``)."""
+    state, _ = populations._model_init(
+        streams.root_key(0), jnp.arange(1, dtype=jnp.uint32), jnp.arange(P, dtype=jnp.uint32),
+        jnp.float32(init_scale), prepared.scale_tree(jnp.float32), structure=prepared.structure,
+        init_stream=stream, noise_stream="teacher_noise", dtype="float32")
+    return jax.tree_util.tree_map(lambda x: x[0], state.position)
+
+
 def test_ntk_layers_and_initial_law():
-    model = models.MLP(width=6, depth=2, out=3, activation="tanh")
-    tmpl = models.param_template(model, 5)
-    params = models.init_params(jax.random.key(0), tmpl, jnp.float32(0.7))
-    flat, _ = ravel_pytree(params)
-    assert flat.shape == (models.num_params(tmpl),) == (5 * 6 + 6 + 6 * 6 + 6 + 6 * 3 + 3,)
+    model, prep = _prepared()
+    assert prep.num_params == 5 * 6 + 6 + 6 * 6 + 6 + 6 * 3 + 3
+    assert prep.scales == (1.0,) * 6 and prep.scale_source == models.UNIT
+    draws = _draws(prep, 400)
+    params = jax.tree_util.tree_map(lambda x: x[0], draws)
     x = np.random.default_rng(0).normal(size=(4, 5)).astype(np.float32)
     h = x
-    layers = [params["NTKDense_0"], params["NTKDense_1"]]
-    for layer in layers:
+    for name in ("NTKDense_0", "NTKDense_1"):
+        layer = params[name]
         h = np.tanh(h @ np.asarray(layer["kernel"]) / np.sqrt(h.shape[1]) + np.asarray(layer["bias"]))
     last = params["NTKDense_2"]
     out = h @ np.asarray(last["kernel"]) / np.sqrt(6) + np.asarray(last["bias"])
-    np.testing.assert_allclose(np.asarray(model.apply({"params": params}, x)), out, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(model.apply(params, x)), out, rtol=1e-5, atol=1e-6)
     # every parameter N(0, s_init^2): pooled over many draws
-    draws = jax.vmap(lambda k: ravel_pytree(models.init_params(k, tmpl, jnp.float32(0.7)))[0])(
-        jax.random.split(jax.random.key(1), 400))
-    v = np.asarray(draws).ravel()
+    v = np.asarray(ravel_pytree(draws)[0])
     assert abs(v.mean()) < 4 * 0.7 / np.sqrt(v.size)
     assert abs(v.var() / 0.49 - 1) < 4 * np.sqrt(2 / v.size)
 
@@ -85,44 +99,52 @@ def test_ntk_layers_and_initial_law():
 
 @pytest.mark.parametrize("classification", [False, True])
 def test_student_energy_gradient_matches_the_spec_energy(classification):
-    model = models.MLP(width=5, depth=1, out=3, activation="tanh")
-    tmpl = models.param_template(model, 4)
-    w = models.init_params(jax.random.key(2), tmpl, jnp.float32(1.0))
-    w_T = models.init_params(jax.random.key(3), tmpl, jnp.float32(1.0))
+    """The engine's autodiff gradients (one vjp, two cotangents) against ``jax.grad`` of
+    the SPEC energies written out here, with per-leaf prior scales that differ by leaf."""
+    model, prep = _prepared(width=5, depth=1, out=3, d=4)
+    both = _draws(prep, 2, init_scale=1.0)
+    w, w_T = (jax.tree_util.tree_map(lambda x: x[i], both) for i in range(2))
     rng = np.random.default_rng(0)
     X = jnp.asarray(rng.normal(size=(7, 4)), jnp.float32)
     Y = jnp.asarray(rng.integers(0, 3, 7)) if classification else jnp.asarray(rng.normal(size=(7, 3)), jnp.float32)
     p = LangevinNumeric(20.0, 0.8, 1.0, 1e-3)
     p_T = LangevinNumeric(30.0, 1.3, 1.0, 1e-3)
     alpha, tau, nu_T = 0.3, 2.0, 0.4
-    f_T = model.apply({"params": w_T}, X)
+    s_leaf = {"NTKDense_0": {"bias": 2.0, "kernel": 0.5}, "NTKDense_1": {"bias": 1.5, "kernel": 0.25}}
+    f_T = model.apply(w_T, X)
     if classification:
         target = jax.nn.softmax(f_T / tau)
     else:
         target = f_T + nu_T * jnp.asarray(rng.normal(size=(7, 3)), jnp.float32)
 
     def task(v):
-        f = model.apply({"params": v}, X)
+        f = model.apply(v, X)
         if classification:
             return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(f), Y[:, None], 1))
         return jnp.mean(0.5 * jnp.sum((Y - f) ** 2, 1))
 
     def kd(v):
-        f = model.apply({"params": v}, X)
+        f = model.apply(v, X)
         if classification:
             q = jax.nn.log_softmax(f / tau)
             return tau**2 * jnp.mean(jnp.sum(target * (jnp.log(target) - q), 1))
         return jnp.mean(0.5 * jnp.sum((target - f) ** 2, 1))
 
-    sq = lambda v: sum(jnp.sum(a * a) for a in jax.tree_util.tree_leaves(v))
-    U_S = lambda v: p.gamma * (alpha * task(v) + (1 - alpha) * kd(v)) + sq(v) / (2 * p.prior_scale**2)
-    U_T = lambda v: p_T.gamma * task(v) + sq(v) / (2 * p_T.prior_scale**2)
-    grad = populations.student_energy_grad(model, classification, p, p_T, alpha, tau, girsanov=True)
+    def prior(v, s0):
+        return sum(jnp.sum(v[l][k] ** 2) / (2 * s0**2 * s_leaf[l][k] ** 2) for l in v for k in v[l])
+
+    U_S = lambda v: p.gamma * (alpha * task(v) + (1 - alpha) * kd(v)) + prior(v, p.prior_scale)
+    U_T = lambda v: p_T.gamma * task(v) + prior(v, p_T.prior_scale)
+    inv = lambda q: jax.tree_util.tree_map(lambda s: 1.0 / (q.prior_scale * s) ** 2, s_leaf)
+    grad = populations.student_energy_grad(model.apply, classification, p, p_T, alpha, tau,
+                                           inv(p), inv(p_T), girsanov=True)
     g_S, diff = grad(w, (X, Y), target)
     flat = lambda t: ravel_pytree(t)[0]
     np.testing.assert_allclose(flat(g_S), flat(jax.grad(U_S)(w)), rtol=2e-4, atol=2e-4)
     expect = flat(jax.grad(U_S)(w)) - flat(jax.grad(U_T)(w))
     np.testing.assert_allclose(flat(diff), expect, rtol=2e-4, atol=2e-4)
+    g_T = populations.teacher_energy_grad(model.apply, classification, p_T, inv(p_T))(w, (X, Y))
+    np.testing.assert_allclose(flat(g_T), flat(jax.grad(U_T)(w)), rtol=2e-4, atol=2e-4)
 
 
 def test_population_engine_is_the_single_chain_euler_maruyama():
@@ -130,16 +152,18 @@ def test_population_engine_is_the_single_chain_euler_maruyama():
     cfg = _cfg("mlp_regression", **{"teacher.num_steps": 5, "num_particles": 3, "num_datasets": 2})
     run = kdsim.run_populations(cfg)
     res = resolve(cfg)
-    teacher_model, _ = populations.mlp_models(res)
+    teacher = run.models[0]
     root = streams.root_key(cfg.seed)
-    tmpl = models.param_template(teacher_model, cfg.task.d)
     p = jax.tree_util.tree_map(jnp.float32, res.numeric.teacher)
-    grad = populations._teacher_energy_grad(teacher_model, False, p)
-    kernel = langevin.build_kernel(lambda w, b: grad(w, b), langevin.constant_schedule(p.step_size))
+    inv = jax.tree_util.tree_map(lambda s: 1.0 / (p.prior_scale * s) ** 2, teacher.scale_tree(jnp.float32))
+    grad = populations.teacher_energy_grad(teacher.apply, False, p, inv)
+    kernel = langevin.build_kernel(lambda w, b: grad(w, b), langevin.schedule("constant", p.step_size, 5))
+    zeros = teacher.structure.zeros(jnp.float32)
 
     @jax.jit
     def one_chain(e, i, X, Y):
-        w0 = models.init_params(streams.particle_key(root, "teacher_init", e, i), tmpl, p.init_scale)
+        w0 = jax.tree_util.tree_map(lambda z: p.init_scale * z, langevin.gaussian_like(
+            streams.particle_key(root, "teacher_init", e, i), zeros))
         return langevin.run(kernel, streams.particle_key(root, "teacher_noise", e, i),
                             kernel.init(w0), 0, 5, (X, Y))[0]
 
@@ -189,7 +213,7 @@ def test_zero_one_bound_with_bounded_sigma_is_never_below_the_truth():
     df = res.per_dataset
     # a narrower student: no parameter-space KL; the flags say so, nothing is made up
     assert np.all(np.isnan(df["B1_upper_01"]))
-    assert any("Girsanov does not apply (the student's architecture differs" in n for n in res.notes)
+    assert any("Girsanov does not apply (the student's parameter structure differs" in n for n in res.notes)
     same = kdsim.simulate(_cfg("mlp_classification", **{"seed": 1}))
     d2 = same.per_dataset
     assert np.all(d2["sigma_B1_01"] == 1.0)
@@ -210,11 +234,11 @@ def test_classification_convexity_is_student_first_kl_summed_over_points():
     run = kdsim.run_populations(cfg)
     from kdsim import evaluation_mlp as em
     res = resolve(cfg)
-    tm, sm = populations.mlp_models(res)
+    tm, sm = run.models
     X = jnp.asarray(run.data.X)
-    fT = np.asarray(jax.vmap(lambda w_e, x: jax.vmap(lambda w: tm.apply({"params": w}, x))(w_e))(
+    fT = np.asarray(jax.vmap(lambda w_e, x: jax.vmap(lambda w: tm.apply(w, x))(w_e))(
         run.populations.teacher, X), np.float64)
-    fS = np.asarray(jax.vmap(lambda w_e, x: jax.vmap(lambda w: sm.apply({"params": w}, x))(w_e))(
+    fS = np.asarray(jax.vmap(lambda w_e, x: jax.vmap(lambda w: sm.apply(w, x))(w_e))(
         run.populations.student, X), np.float64)
     notes = []
     ok = np.ones(fT.shape[:2], bool)
@@ -257,13 +281,13 @@ def test_girsanov_refuses_where_it_does_not_bound():
 def test_mlp_sharpness_matches_jax_hessian():
     model = models.MLP(width=6, depth=1, out=2, activation="tanh")
     with jax.enable_x64(True):
-        tmpl = models.param_template(model, 3, jnp.float64)
-        w = models.init_params(jax.random.key(0), tmpl, jnp.float64(1.0))
+        tmpl = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3), jnp.float64))["params"]
+        w = langevin.gaussian_like(jax.random.key(0), jax.tree_util.tree_map(
+            lambda s: jnp.zeros(s.shape, jnp.float64), tmpl))
         rng = np.random.default_rng(1)
         X = jnp.asarray(rng.normal(size=(20, 3)))
         Y = jnp.asarray(rng.normal(size=(20, 2)))
-        risk, _ = populations.mlp_objectives(model, False)
-        f = lambda v: risk(v, X, Y)
+        f = lambda v: jnp.mean(0.5 * jnp.sum((Y - model.apply({"params": v}, X)) ** 2, -1))
         flat, unravel = ravel_pytree(w)
         H = np.asarray(jax.hessian(lambda u: f(unravel(u)))(flat))
         ev = np.linalg.eigvalsh(H)

@@ -1,5 +1,6 @@
-"""Scale without changing a number: particle chunks, device layouts, the memory guard,
-the linear fast path and the engine's matmul precision."""
+"""Scale without changing the laws: particle chunks, device layouts, the memory guard,
+the linear fast path and the engine's matmul precision. Layouts draw the same numbers
+and agree to float32 rounding (SPEC §11: tests/helpers.py holds the tolerances)."""
 
 import json
 import os
@@ -15,7 +16,7 @@ import kdsim
 from kdsim import memory, populations
 from kdsim.config import ConfigError, SimConfig, resolve
 
-from helpers import flat_states
+from helpers import ESTIMATE_RTOL_F64, assert_layout_close, flat_states
 
 SMALL = {"task": {"d": 4, "k": 2, "n": 32}, "teacher": {"num_steps": 60},
          "student": {"langevin": {"num_steps": 40}}, "num_datasets": 2, "num_particles": 10}
@@ -28,14 +29,15 @@ def _pops(cfg):
 
 
 def test_particle_chunks_give_the_same_populations():
-    """Draws are keyed by global particle index, and a linear chain's arithmetic does not
-    depend on how many chains share the batch: chunking (a padded last chunk included)
-    gives bit-identical states and Girsanov sums."""
+    """Draws are keyed by global particle index: chunking (a padded last chunk included)
+    gives the whole run's states and Girsanov sums to float32 rounding, the same
+    divergence flags, and the same chunked run again bit for bit."""
     whole, chunked = _pops(SMALL_G), _pops({**SMALL_G, "particle_chunk": 4})
     assert whole.student_sub is not None and whole.scratch is not None
     assert whole.girsanov is not None
-    for name in ("teacher", "student", "student_sub", "scratch", "girsanov", "diverged_T",
-                 "diverged_S", "diverged_step_T"):
+    for name in ("teacher", "student", "student_sub", "scratch", "girsanov"):
+        assert_layout_close(getattr(chunked, name), getattr(whole, name), name)
+    for name in ("diverged_T", "diverged_S", "diverged_step_T"):
         np.testing.assert_array_equal(getattr(chunked, name), getattr(whole, name), err_msg=name)
     again = _pops({**SMALL_G, "particle_chunk": 4})
     np.testing.assert_array_equal(again.student, chunked.student)
@@ -50,17 +52,16 @@ MLP_G = {"task": {"name": "mlp_regression", "d": 3, "k": 1, "n": 8, "n_test": 8}
 
 @pytest.mark.parametrize("task,chunk", [("mlp_regression", 4), ("mlp_classification", 1)])
 def test_particle_chunks_in_an_mlp_task(task, chunk):
-    """The MLP engine's forward and backward passes are fixed-order chains
-    (kdsim.models.forward/backward): chunks of 4 particles (a padded last chunk included)
-    or of 1 (run as 2: never a batch of one chain) end in the whole run's states and
-    Girsanov sums, bit for bit."""
+    """Chunks of 4 particles (a padded last chunk included) or of 1 (a batch of one
+    chain) end in the whole run's states and Girsanov sums to float32 rounding."""
     cfg = {**MLP_G, "task": {**MLP_G["task"], "name": task}}
     whole = _pops(cfg)
     assert whole.girsanov is not None and whole.scratch is not None
     chunked = _pops({**cfg, "particle_chunk": chunk})
-    for name in ("teacher", "student", "scratch", "girsanov", "diverged_S"):
-        np.testing.assert_array_equal(flat_states(getattr(chunked, name)), flat_states(getattr(whole, name)),
-                                      err_msg=f"{name}, chunks of {chunk}")
+    for name in ("teacher", "student", "scratch", "girsanov"):
+        assert_layout_close(flat_states(getattr(chunked, name)), flat_states(getattr(whole, name)),
+                            f"{name}, chunks of {chunk}")
+    np.testing.assert_array_equal(chunked.diverged_S, whole.diverged_S)
 
 
 def test_memory_guard_stops_before_allocating_and_says_how_to_chunk():
@@ -110,21 +111,21 @@ def test_linear_step_cost_does_not_grow_with_n():
         p = jax.tree_util.tree_map(jnp.float32, res.numeric.teacher)
         compiled = populations._linear_segment.lower(
             state, None, jnp.int32(0), keys, C, B, C, B, p, p, num_steps=SEGMENT_STEPS,
-            shared_B=True, girsanov=False).compile()
+            shared_B=True, girsanov=False, schedule="constant", phase_steps=SEGMENT_STEPS).compile()
         cost = compiled.cost_analysis()
         cost = cost[0] if isinstance(cost, list) else cost
         flops.append(cost["flops"])
     assert flops[0] == flops[1] > 0
 
 
-def test_engine_precision_is_validated_and_changes_nothing():
+def test_engine_precision_is_validated_and_keeps_float32_rounding():
     with pytest.raises(ConfigError, match="engine_precision"):
         SimConfig.from_dict({"engine_precision": "fastest"})
     a = _pops(SMALL)
     b = _pops({**SMALL, "engine_precision": "highest"})
-    # no matmul in the engine at d <= 64 (kdsim.ordered): the setting cannot change a bit
-    np.testing.assert_array_equal(b.teacher, a.teacher)
-    np.testing.assert_array_equal(b.student, a.student)
+    # on a CPU a float32 matmul is exact float32 at any precision setting
+    assert_layout_close(b.teacher, a.teacher, "teacher")
+    assert_layout_close(b.student, a.student, "student")
 
 
 _CHILD = r"""
@@ -147,9 +148,9 @@ SPREAD = [{**SMALL_G, "num_datasets": 4},                                # datas
 
 
 def test_population_spread_over_four_devices(tmp_path):
-    """Split over datasets or over particles (and chunked), the states are bit-identical
-    to one device: the same draws, and per-chain arithmetic that does not depend on the
-    batch. In float64 every estimate agrees within 1e-12 relative."""
+    """Split over datasets or over particles (and chunked), the states agree with one
+    device to float32 rounding (the same draws; XLA may pick other kernels for other
+    shapes). In float64 every estimate agrees within 1e-10 relative."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
            "JAX_PLATFORMS": "cpu", "CI": "1"}
     subprocess.run([sys.executable, "-c", _CHILD, json.dumps(SPREAD), str(tmp_path)], env=env,
@@ -157,24 +158,23 @@ def test_population_spread_over_four_devices(tmp_path):
     for i, cfg in enumerate(SPREAD):
         four, one = np.load(tmp_path / f"pops_{i}.npz"), _pops(cfg)
         assert int(four["n"]) == 4
-        np.testing.assert_array_equal(four["T"], flat_states(one.teacher))
-        np.testing.assert_array_equal(four["S"], flat_states(one.student))
-        np.testing.assert_array_equal(four["G"], one.girsanov)
+        dt = cfg.get("dtype", "float32")
+        assert_layout_close(four["T"], flat_states(one.teacher), f"config {i} teacher", dt)
+        assert_layout_close(four["S"], flat_states(one.student), f"config {i} student", dt)
+        assert_layout_close(four["G"], one.girsanov, f"config {i} girsanov", dt)
         if cfg.get("dtype") == "float64":
             multi = np.load(tmp_path / f"per_dataset_{i}.npz")
             single = kdsim.simulate(cfg).per_dataset
             for col in multi.files:
-                np.testing.assert_allclose(multi[col], single[col].to_numpy(float), rtol=1e-12,
-                                           err_msg=col)
+                np.testing.assert_allclose(multi[col], single[col].to_numpy(float),
+                                           rtol=ESTIMATE_RTOL_F64, err_msg=col)
 
 
 def test_layout_chooses_the_axis_that_divides():
     from kdsim import sharding
     devs = jax.local_devices()
     assert sharding.layout(16, 256, devs[:1]).mesh is None
-    # one chain a device would be a batch of one (compiled without its batch axis):
-    # such a population stays on one device
-    assert sharding.layout(1, 4, devs[:1] * 4) == sharding.Layout(None, None)
+    assert sharding.layout(3, 5, devs[:1] * 4) == sharding.Layout(None, None)   # nothing divides
     assert sharding.split_axis(1, 4, 4) == 1 and sharding.split_axis(4, 3, 4) == 0
     env = {}
     sharding.cpu_device_flags(env)

@@ -3,6 +3,7 @@
 import jax
 import numpy as np
 
+from helpers import assert_layout_close
 from kdsim import SimConfig, run_populations, streams
 
 
@@ -36,8 +37,9 @@ def test_draws_do_not_depend_on_population_size():
     small = run_populations(SimConfig.from_dict({**base, "num_datasets": 2, "num_particles": 4}))
     big = run_populations(SimConfig.from_dict({**base, "num_datasets": 3, "num_particles": 9}))
     np.testing.assert_array_equal(small.data.X, big.data.X[:2])
-    np.testing.assert_array_equal(small.populations.teacher, big.populations.teacher[:2, :4])
-    np.testing.assert_array_equal(small.populations.student_sub, big.populations.student_sub[:2, :4])
+    # the same draws; other batch shapes may round differently (SPEC §11)
+    assert_layout_close(small.populations.teacher, big.populations.teacher[:2, :4], "teacher")
+    assert_layout_close(small.populations.student_sub, big.populations.student_sub[:2, :4], "student")
 
 
 def test_different_seeds_give_different_datasets_and_planted_weights():

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .. import ordered, streams
+from .. import streams
 
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -115,30 +115,12 @@ def make_data(root: jax.Array, datasets: np.ndarray, *, n: int, d: int, k: int, 
 # Risks of ONE parameter matrix (vmap outside). Quadratic forms in sufficient statistics.
 
 
-CHAIN_MAX_DIM = 64
-
-
-def chain_matmul(W: jax.Array, C: jax.Array, precision=None) -> jax.Array:
-    """``W @ C`` for ONE particle: a fixed-order chain (:func:`kdsim.ordered.matmul`) up to
-    a contraction of :data:`CHAIN_MAX_DIM`, so a particle's result is the same in any
-    batch; a library matmul beyond, where chains cost too much (measured on a 2-core
-    CPU, d = 128: teacher phase 2.4x, Girsanov student 13x slower, compile 6x longer).
-
-    Args:
-      precision: of the library matmul beyond CHAIN_MAX_DIM.
-    Shapes: W ``(k, p)``, C ``(p, q)`` -> ``(k, q)``.
-    """
-    if C.shape[0] > CHAIN_MAX_DIM:
-        return jnp.matmul(W, C, precision=precision)
-    return ordered.matmul(W, C)
-
-
 def quadratic_grad(W: jax.Array, C: jax.Array, B: jax.Array) -> jax.Array:
     """Gradient of ``0.5 tr(W C W^T) - tr(B W^T)`` for symmetric C: ``W C - B``.
 
     Shapes: W ``(k, p)``, C ``(p, p)``, B ``(k, p)``.
     """
-    return chain_matmul(W, C) - B
+    return W @ C - B
 
 
 def empirical_risk(W: jax.Array, Cxx: jax.Array, Cyx: jax.Array, Cyy: jax.Array) -> jax.Array:

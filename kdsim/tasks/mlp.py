@@ -76,31 +76,3 @@ def make_data(root: jax.Array, datasets: np.ndarray, *, n: int, d: int, out: int
                              n=n_test, **common)
     return MLPData(np.asarray(X), np.asarray(Y), np.asarray(X_test), np.asarray(Y_test),
                    np.asarray(A), np.asarray(B), classification)
-
-
-# ---------------------------------------------------------------------------------------
-# per-example losses (f: (out,) predictions; y: (out,) targets or () label)
-
-
-def squared_loss(f: jax.Array, y: jax.Array) -> jax.Array:
-    return 0.5 * jnp.sum((y - f) ** 2)
-
-
-def cross_entropy(f: jax.Array, y: jax.Array) -> jax.Array:
-    return -jax.nn.log_softmax(f)[y]
-
-
-def zero_one(f: jax.Array, y: jax.Array) -> jax.Array:
-    return (jnp.argmax(f) != y).astype(f.dtype)
-
-
-def kd_regression(f: jax.Array, soft: jax.Array) -> jax.Array:
-    """``0.5 ||yhat - f||^2`` against the soft label ``yhat = f_T(x) + nu_T e``."""
-    return 0.5 * jnp.sum((soft - f) ** 2)
-
-
-def kd_classification(f: jax.Array, p_teacher: jax.Array, tau) -> jax.Array:
-    """``tau^2 KL(p_T || softmax(f / tau))`` with ``p_T = softmax(f_T / tau)`` given."""
-    logq = jax.nn.log_softmax(f / tau)
-    logp = jnp.log(jnp.clip(p_teacher, 1e-30, 1.0))
-    return tau**2 * jnp.sum(p_teacher * (logp - logq))
