@@ -119,8 +119,13 @@ def _segment(p: LangevinNumeric, grad_energy: Callable, state, acc, keys_noise: 
     Returns:
       ``(LangevinState, acc)``.
     """
+    # a chain leaving the region no healthy chain reaches is diverged too, before it overflows
+    one = jax.tree_util.tree_map(lambda x: x[0, 0], state.position)
+    escaped = langevin.region_test(
+        p.prior_scale, langevin.escape_limit(one, p.gamma, p.prior_scale, p.init_scale))
     kernel = langevin.build_kernel(lambda w, b: grad_energy(w, b[0], b[1]),
-                                   langevin.constant_schedule(p.step_size), has_aux=girsanov)
+                                   langevin.constant_schedule(p.step_size), has_aux=girsanov,
+                                   escaped=escaped)
     if not girsanov:
         state, _ = langevin.run_population(kernel, keys_noise, state, start, num_steps,
                                            batch=data, particle_batch=targets)
