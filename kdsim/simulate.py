@@ -150,16 +150,17 @@ def check_step_sizes(cfg: SimConfig, res: Resolved, data) -> list[str]:
     st, nm = res.static, res.numeric
     notes = []
     limits = stability_limits(res, data)
-    for field, p, limit, steps in zip(_step_size_fields(cfg), (nm.teacher, nm.student), limits,
-                                      (st.teacher_steps, st.student_steps)):
+    drifts = ("gamma Cxx + I/s0^2", "gamma_S Pi^T Cxx Pi + I/s0_S^2")
+    for field, drift, p, limit, steps in zip(_step_size_fields(cfg), drifts, (nm.teacher, nm.student),
+                                             limits, (st.teacher_steps, st.student_steps)):
         if steps == 0:
             continue
         e = int(np.argmin(limit))
         lim = float(limit[e])
         if p.step_size >= lim:
             raise ConfigError(
-                f"{field} = {p.step_size:.4g} is beyond the stability limit 2 / lambda_max(gamma Cxx "
-                f"+ I/s0^2) = {lim:.4g} (dataset {e}, the smallest limit of {len(limit)}): the "
+                f"{field} = {p.step_size:.4g} is beyond the stability limit 2 / lambda_max({drift}) "
+                f"= {lim:.4g} (dataset {e}, the smallest limit of {len(limit)}): the "
                 f"chains would grow like |1 - h lambda_max|^T; use a step size below {lim:.4g}")
         if p.step_size > STABILITY_WARN_FRACTION * lim:
             ratio = 2.0 / (2.0 - p.step_size * 2.0 / lim)

@@ -173,7 +173,7 @@ def test_a_dataset_left_with_too_few_pairs_is_nan_with_a_reason():
 
 def test_sweep_names_the_point_that_diverged(tmp_path):
     with pytest.raises(kdsim.DivergenceError, match=r"sweep point 1 \{'teacher.step_size'"):
-        kdsim.sweep(TINY, {"teacher.step_size": [1e-4, _too_large_step()]}, out=str(tmp_path / "s"))
+        kdsim.sweep(HOT_MLP, {"teacher.step_size": [1e-4, 10.0]}, out=str(tmp_path / "s"))
     table = kdsim.load_sweep(tmp_path / "s")                # the finished point is kept
     assert table["point"].unique().tolist() == [0]
     assert isinstance(table, pd.DataFrame)

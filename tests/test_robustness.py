@@ -183,3 +183,10 @@ def test_closed_forms_give_nan_with_a_reason_for_non_finite_or_singular_laws(mon
     monkeypatch.setattr(closed_form, "finite_time", original)
     clean, _, _ = evaluation.linear_columns(run)
     assert per_dataset["kl_exact"][2] == clean["kl_exact"][2]
+
+
+def test_a_sweep_point_beyond_the_limit_is_named():
+    base = {**ISSUE, "num_datasets": 2, "num_particles": 4}
+    with pytest.raises(ConfigError, match=r"^sweep point 0 \{'teacher.step_size': 0.3\}: "
+                                          r"teacher.step_size = 0.3 is beyond the stability limit"):
+        kdsim.sweep(base, {"teacher.step_size": [0.3]}, progress=False)
