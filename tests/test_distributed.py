@@ -55,12 +55,11 @@ for i, cfg in enumerate(json.loads(sys.argv[3])):
                  dT=pops.diverged_T, n=jax.process_count())
 """
 
-MULTI = [{**BASE, "student": {"alpha": 0.3}},                               # datasets split
-         {**BASE, "num_datasets": 3, "num_particles": 30, "particle_chunk": 8},  # particles split
-         {"task": {"name": "mlp_classification", "d": 3, "n": 8, "n_test": 8},    # an MLP, particles
+MULTI = [{**BASE, "num_datasets": 3, "num_particles": 30, "particle_chunk": 8},  # particles split
+         {"task": {"name": "mlp_classification", "d": 3, "n": 8, "n_test": 8},    # an MLP, datasets
           "teacher": {"num_steps": 20, "model": {"width": 4}},                    # split and chunked
           "student": {"alpha": 0.4, "langevin": {"num_steps": 20}, "model": {"width": 4}},
-          "num_datasets": 3, "num_particles": 6, "particle_chunk": 2}]
+          "num_datasets": 2, "num_particles": 6, "particle_chunk": 4}]
 
 
 def _free_port():
