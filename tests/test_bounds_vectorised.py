@@ -181,11 +181,15 @@ def test_empirical_cgf_arrays_match_the_scalar_cgf():
         for e in range(6):
             want = ref.empirical(g[e][w[e]], 0.1)
             one = jax.tree_util.tree_map(lambda a: a[e], batch)
-            assert float(one.lam_sup) == want.lam_sup and float(one.eta_sup) == want.eta_sup
+            # the same grid point passes the ESS rule (equal to rounding of sd_P(g))
+            assert float(one.lam_sup) == pytest.approx(want.lam_sup, rel=1e-14)
+            assert float(one.eta_sup) == pytest.approx(want.eta_sup, rel=1e-14)
             assert float(one.variance) == pytest.approx(want.variance, rel=1e-12)
             lam = lams / want.scale
             np.testing.assert_allclose(one.fn(lam), want.fn(lam), rtol=1e-12, atol=1e-15)
-            np.testing.assert_allclose(one.ratio(lam), want.ratio(lam), rtol=1e-9)
+            # 2 fn / lam^2 amplifies fn's rounding (~1e-16 absolute) at lam = 1e-3 / sd: skip those
+            big = (np.abs(lams) > 0.1) | (lams == 0)
+            np.testing.assert_allclose(one.ratio(lam[big]), want.ratio(lam[big]), rtol=1e-9)
             np.testing.assert_allclose(one.se(lam), want.se(lam), rtol=1e-9, atol=1e-12)
             grid, mask = one.grid(-1)
             np.testing.assert_allclose(grid[mask], want.grid(-1), rtol=1e-14)

@@ -201,6 +201,7 @@ class EmpiricalCGF(NamedTuple):
         return g, g <= (self.lam_sup if sign > 0 else self.eta_sup)
 
 
+@jax.jit
 def empirical(g, w, ess_fraction) -> EmpiricalCGF:
     """Empirical CGF of ONE dataset from gaps ``g`` ``(N,)`` and a mask ``w`` ``(N,)``
     of the particles that count (``jax.vmap`` it over datasets)."""
@@ -219,7 +220,7 @@ def empirical(g, w, ess_fraction) -> EmpiricalCGF:
 @jax.jit
 def empirical_batch(g, w, ess_fraction) -> EmpiricalCGF:
     """:func:`empirical` for every dataset: ``g``, ``w`` ``(E, N)``."""
-    return jax.vmap(empirical, in_axes=(0, 0, None))(g, w, ess_fraction)
+    return jax.vmap(empirical.__wrapped__, in_axes=(0, 0, None))(g, w, ess_fraction)
 
 
 def effective_sample_size(g, lam) -> jax.Array:
