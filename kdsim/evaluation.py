@@ -16,6 +16,7 @@ import pandas as pd
 
 from . import bounds, closed_form, streams
 from .config import Resolved
+from .timing import StageTimer, timer_or_null
 from .estimators import cgf as cgf_mod
 from .estimators import divergence, predictive, sharpness
 from .stats import mean_se
@@ -241,24 +242,38 @@ def engine_columns(ctx: Context) -> tuple[dict[str, np.ndarray], list[str]]:
     return cols, notes
 
 
-def linear_columns(run) -> Evaluation:
-    """Per-dataset columns of the linear task, the pooled bounds, and the notes."""
-    ctx, cols, notes = context(run)
-    for stage in (closed_form_columns, monte_carlo_columns, divergence_columns, engine_columns):
-        c, n_ = stage(ctx)
+def linear_columns(run, timer: StageTimer | None = None) -> Evaluation:
+    """Per-dataset columns of the linear task, the pooled bounds, and the notes.
+
+    ``timer`` (optional) collects the seconds of each stage: ``closed_forms``,
+    ``estimators``, ``bounds`` (the bound maths) and ``tables`` (columns and notes).
+    """
+    timer = timer_or_null(timer)
+    with timer("closed_forms"):
+        ctx, cols, notes = context(run)
+    stages = (("closed_forms", closed_form_columns), ("estimators", monte_carlo_columns),
+              ("estimators", divergence_columns), ("estimators", engine_columns))
+    for name, stage in stages:
+        with timer(name):
+            c, n_ = stage(ctx)
         cols.update(c)
         notes += n_
-    cols.update(_sharpness_columns(run, ctx.ok))
-    bound_cols, pooled, bnotes = bound_columns(_linear_bound_inputs(run, ctx, cols))
+    with timer("estimators"):
+        cols.update(_sharpness_columns(run, ctx.ok))
+    with timer("closed_forms"):
+        inputs = _linear_bound_inputs(run, ctx, cols)
+    bound_cols, pooled, bnotes = bound_columns(inputs, timer=timer)
     cols.update(bound_cols)
     notes += bnotes
-    fs_cols, fs_pooled, fs_notes = function_space_columns(ctx)
+    with timer("estimators"):
+        fs_cols, fs_pooled, fs_notes = function_space_columns(ctx, timer)
     cols.update(fs_cols)
     notes += fs_notes
-    return finish(cols, pd.concat([pooled, fs_pooled]), notes)
+    with timer("tables"):
+        return finish(cols, pd.concat([pooled, fs_pooled]), notes)
 
 
-def function_space_columns(ctx: Context):
+def function_space_columns(ctx: Context, timer: StageTimer | None = None):
     """Function-space gaps, convexity bound and F-bounds of the linear task (Gaussian
     channel), with the closed forms of the gaps and of the convexity bound."""
     from . import function_space as fs
@@ -270,9 +285,10 @@ def function_space_columns(ctx: Context):
     ghost = fs.Ghost(Xg, Yg)
     predict = lambda W: fs.Predictions(np.einsum("epkd,end->epnk", W, data.X),
                                        np.einsum("epkd,emd->epmk", W, Xg))
-    truth, klF = fs.linear_exact(ctx, ghost)
+    with timer_or_null(timer)("closed_forms"):
+        truth, klF = fs.linear_exact(ctx, ghost)
     return fs.columns(run, ctx.ok, ctx.usable, predict(ctx.W_T), predict(ctx.W_S), data.Y, ghost,
-                      truth_exact=truth, klF_exact=klF)
+                      truth_exact=truth, klF_exact=klF, timer=timer)
 
 
 def finish(cols: dict, pooled: pd.DataFrame, notes: list[str]) -> Evaluation:
@@ -529,7 +545,8 @@ def _pooled_table(pooled: bounds.PooledBounds | None, suffix: str, prefix: str =
     return df
 
 
-def bound_columns(inp: BoundInputs, suffix: str = "", prefix: str = ""):
+def bound_columns(inp: BoundInputs, suffix: str = "", prefix: str = "",
+                  timer: StageTimer | None = None):
     """Bounds B0--B3 per dataset, their flags, and the pooled bounds.
 
     Returns ``(columns, pooled DataFrame, notes)``; column names carry ``prefix``
@@ -538,10 +555,13 @@ def bound_columns(inp: BoundInputs, suffix: str = "", prefix: str = ""):
     (the label draws of the function-space B3). The maths runs for all datasets in one
     program (:func:`bound_arrays`); the tables and notes are built from its arrays.
     """
+    timer = timer_or_null(timer)
     sfx = lambda name: prefix + name + suffix
-    per, pooled = bound_arrays(inp)
-    cols = _bound_table(per, inp, sfx)
-    return cols, _pooled_table(pooled, suffix, prefix), _bound_notes(inp, cols, sfx)
+    with timer("bounds"):
+        per, pooled = bound_arrays(inp)
+    with timer("tables"):
+        cols = _bound_table(per, inp, sfx)
+        return cols, _pooled_table(pooled, suffix, prefix), _bound_notes(inp, cols, sfx)
 
 
 def _linear_bound_inputs(run, ctx: "Context", cols) -> BoundInputs:

@@ -177,7 +177,7 @@ def _label_gap_curvature(centres, points, X, Y, Xg, Yg, tau, v_gap, *, model, nu
 
 def columns(run, ok: np.ndarray, usable: np.ndarray, pred_T: Predictions, pred_S: Predictions,
             Y: np.ndarray, ghost: Ghost, *, truth_exact: tuple | None = None,
-            klF_exact: np.ndarray | None = None, b3: dict | None = None):
+            klF_exact: np.ndarray | None = None, b3: dict | None = None, timer=None):
     """Function-space columns and bounds for one run.
 
     Args:
@@ -230,7 +230,7 @@ def columns(run, ok: np.ndarray, usable: np.ndarray, pred_T: Predictions, pred_S
                      "is chi-square" if not classification else "",
         sigma_bounded=1.0 if classification else None,
         c_lam=est.c_lam, ess_fraction=est.ess_fraction)
-    bcols, pooled, bnotes = ev.bound_columns(inp, prefix="F_")
+    bcols, pooled, bnotes = ev.bound_columns(inp, prefix="F_", timer=timer)
     cols.update(bcols)
     notes += bnotes
     notes.append(f"function-space: evaluation set = {n} training inputs + {m} ghost points; "
