@@ -16,7 +16,7 @@ import pandas as pd
 
 from . import bounds, closed_form, streams
 from .config import Resolved
-from .timing import StageTimer, timer_or_null
+from .timing import StageTimer, single_threaded_blas, timer_or_null
 from .estimators import cgf as cgf_mod
 from .estimators import divergence, predictive, sharpness
 from .stats import mean_se
@@ -248,7 +248,11 @@ def linear_columns(run, timer: StageTimer | None = None) -> Evaluation:
     ``timer`` (optional) collects the seconds of each stage: ``closed_forms``,
     ``estimators``, ``bounds`` (the bound maths) and ``tables`` (columns and notes).
     """
-    timer = timer_or_null(timer)
+    with single_threaded_blas():
+        return _linear_columns(run, timer_or_null(timer))
+
+
+def _linear_columns(run, timer: StageTimer) -> Evaluation:
     with timer("closed_forms"):
         ctx, cols, notes = context(run)
     stages = (("closed_forms", closed_form_columns), ("estimators", monte_carlo_columns),

@@ -27,7 +27,7 @@ from .estimators import divergence, sharpness
 from .populations import mlp_models, mlp_objectives
 from .stats import mean_se
 from .tasks import mlp as mlp_task
-from .timing import timer_or_null
+from .timing import single_threaded_blas, timer_or_null
 
 CHUNK = 8   # particles evaluated at once per dataset (bounds memory on large test sets)
 
@@ -107,7 +107,7 @@ def mlp_columns(run, timer=None) -> ev.Evaluation:
     collects the seconds of the bound maths (``bounds``), their tables (``tables``) and
     everything else (``estimators``)."""
     timer = timer_or_null(timer)
-    with timer("estimators"):
+    with single_threaded_blas(), timer("estimators"):
         return _mlp_columns(run, timer)
 
 
