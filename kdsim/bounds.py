@@ -74,7 +74,8 @@ def _search_range(cgf, sign):
 
 
 def dv_excess(kl, cgf, sign=1, candidates=None, candidate_mask=None):
-    """``min_{lam > 0} (KL + Lambda(sign * lam)) / lam`` and its minimiser, ``((), ())``.
+    """``min_{lam > 0} (KL + Lambda(sign * lam)) / lam`` and its minimiser (each of
+    ``kl``'s shape: several KLs share the grid's Lambda evaluations).
 
     ``sign`` (+1: upper tail, -1: lower tail) may be traced, so one vmapped call serves
     both tails.
@@ -88,32 +89,44 @@ def dv_excess(kl, cgf, sign=1, candidates=None, candidate_mask=None):
     lo, hi = _search_range(cgf, sign)
     ok_range = hi > lo
     hi_s = jnp.where(ok_range, hi, 2 * lo)
-    objective = lambda lam: (kl + cgf.fn(sign * lam)) / lam
     lams = geomspace(lo, hi_s, DENSE)
-    vals = objective(lams)
-    i = jnp.nanargmin(vals)
-    best, best_lam = vals[i], lams[i]
-    a = jnp.log(lams[jnp.maximum(i - 1, 0)])
-    b = jnp.log(lams[jnp.minimum(i + 1, DENSE - 1)])
-    t, ft = _golden_min(lambda t: objective(jnp.exp(t)), a, b)
-    better = (b > a) & (ft < best)
-    best, best_lam = jnp.where(better, ft, best), jnp.where(better, jnp.exp(t), best_lam)
+    # Lambda on the grid and at the candidates does not depend on KL: computed once for
+    # every KL of the batch (kl may be an array; Lambda's evaluations dominate the cost)
+    L_grid = cgf.fn(sign * lams)
     if candidates is not None:
         cand = jnp.atleast_1d(jnp.asarray(candidates, jnp.float64))
         valid = jnp.isfinite(cand) & (cand > 0) & (cand <= hi)
         if candidate_mask is not None:
             valid &= candidate_mask
         safe = jnp.where(valid, cand, lo)
-        cvals = jnp.where(valid, objective(safe), jnp.inf)
-        j = jnp.argmin(cvals)
-        # a candidate strictly below every grid point wins, unrefined (ties go to the grid)
-        wins = cvals[j] < vals[i]
-        best, best_lam = jnp.where(wins, cvals[j], best), jnp.where(wins, safe[j], best_lam)
-    best = jnp.where(ok_range, best, jnp.inf)
-    best_lam = jnp.where(ok_range, best_lam, jnp.nan)
-    best = jnp.where(kl == 0, 0.0, jnp.where(jnp.isfinite(kl), best, jnp.where(kl > 0, jnp.inf, jnp.nan)))
-    best_lam = jnp.where(kl == 0, 0.0, jnp.where(jnp.isfinite(kl), best_lam, jnp.nan))
-    return best, best_lam
+        L_cand = cgf.fn(sign * safe)
+
+    def one(kl):
+        objective = lambda lam: (kl + cgf.fn(sign * lam)) / lam
+        vals = (kl + L_grid) / lams
+        i = jnp.nanargmin(vals)
+        best, best_lam = vals[i], lams[i]
+        a = jnp.log(lams[jnp.maximum(i - 1, 0)])
+        b = jnp.log(lams[jnp.minimum(i + 1, DENSE - 1)])
+        t, ft = _golden_min(lambda t: objective(jnp.exp(t)), a, b)
+        better = (b > a) & (ft < best)
+        best, best_lam = jnp.where(better, ft, best), jnp.where(better, jnp.exp(t), best_lam)
+        if candidates is not None:
+            cvals = jnp.where(valid, (kl + L_cand) / safe, jnp.inf)
+            j = jnp.argmin(cvals)
+            # a candidate strictly below every grid point wins, unrefined (ties go to the grid)
+            wins = cvals[j] < vals[i]
+            best, best_lam = jnp.where(wins, cvals[j], best), jnp.where(wins, safe[j], best_lam)
+        best = jnp.where(ok_range, best, jnp.inf)
+        best_lam = jnp.where(ok_range, best_lam, jnp.nan)
+        finite = jnp.isfinite(kl)
+        best = jnp.where(kl == 0, 0.0, jnp.where(finite, best, jnp.where(kl > 0, jnp.inf, jnp.nan)))
+        best_lam = jnp.where(kl == 0, 0.0, jnp.where(finite, best_lam, jnp.nan))
+        return best, best_lam
+
+    kl = jnp.asarray(kl, jnp.float64)
+    best, best_lam = jax.vmap(one)(kl.reshape(-1))
+    return best.reshape(kl.shape), best_lam.reshape(kl.shape)
 
 
 def subgaussian_sigma2(cgf, lam_max):
@@ -342,9 +355,9 @@ def _one_dataset(x: DatasetInputs, fit, check, c_lam, sigma_bounded, has_b3: boo
     up_mask = jnp.concatenate([jnp.ones(2, bool), jnp.zeros_like(eta_mask)])
     dn = jnp.concatenate([jnp.full(2, jnp.nan), etas])
     dn_mask = jnp.concatenate([jnp.zeros(2, bool), eta_mask])
-    b0, lam0 = jax.vmap(lambda k, s_, c_, m_: dv_excess(k, fit, s_, c_, m_))(
-        jnp.concatenate([kls, kls]), jnp.asarray([1.0, 1.0, -1.0, -1.0]),
-        jnp.stack([up, up, dn, dn]), jnp.stack([up_mask, up_mask, dn_mask, dn_mask]))
+    b0, lam0 = jax.vmap(lambda s_, c_, m_: dv_excess(kls, fit, s_, c_, m_))(
+        jnp.asarray([1.0, -1.0]), jnp.stack([up, dn]), jnp.stack([up_mask, dn_mask]))
+    b0, lam0 = b0.reshape(-1), lam0.reshape(-1)
     b0u, b0l, lam0, eta0 = b0[:2], b0[2:], lam0[:2], lam0[2:]
     b2_holds = jnp.where(x.has_check, central_holds(check, central.eta[0], central.eps[0]), jnp.nan)
 
