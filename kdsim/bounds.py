@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from .estimators.cgf import PooledCGF, geomspace
 
 DENSE = 256
+BLOCK_ELEMENTS = 1 << 23   # Lambda-grid numbers (lam x particle) held at once: 64 MiB
 GOLDEN_STEPS = 48          # bracket of width <= 0.22 in log lam -> < 1e-10 after 48 steps
 SELF_CONSISTENCY_STEPS = 50
 VALIDITY_Z = 3.0
@@ -397,9 +398,17 @@ def dataset_bounds(x: DatasetInputs, fit, check, c_lam, *, sigma_bounded: float 
     Returns:
       :class:`DatasetBounds`, ``value``/``valid``/``assumption`` ``(5, E)``, the rest ``(E,)``.
     """
-    one = lambda x_, f_, c_: _one_dataset(x_, f_, c_, c_lam, sigma_bounded, has_b3)
-    out = jax.vmap(one)(x, fit, check)
+    one = lambda a: _one_dataset(*a, c_lam, sigma_bounded, has_b3)
+    # datasets in batches whose Lambda grids stay within BLOCK_ELEMENTS numbers
+    size = max(_cgf_size(fit), _cgf_size(check))
+    batch = max(1, min(x.kl.shape[0], BLOCK_ELEMENTS // (2 * DENSE * size)))
+    out = jax.lax.map(one, (x, fit, check), batch_size=batch)
     return out._replace(value=out.value.T, valid=out.valid.T, assumption=out.assumption.T)
+
+
+def _cgf_size(cgf) -> int:
+    """Numbers one Lambda evaluation touches: particles (empirical) or eigenvalues (exact)."""
+    return int((cgf.c if cgf.kind == "empirical" else cgf.kappa).shape[-1])
 
 
 class PooledBounds(NamedTuple):

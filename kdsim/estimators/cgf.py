@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 GRID_SIZE = 64
+POOLED_BLOCK_ELEMENTS = 1 << 23   # numbers one pooled evaluation holds at once (64 MiB)
 GRID_SPAN = (1e-3, 1e2)
 
 
@@ -220,7 +221,9 @@ def empirical(g, w, ess_fraction) -> EmpiricalCGF:
 @jax.jit
 def empirical_batch(g, w, ess_fraction) -> EmpiricalCGF:
     """:func:`empirical` for every dataset: ``g``, ``w`` ``(E, N)``."""
-    return jax.vmap(empirical.__wrapped__, in_axes=(0, 0, None))(g, w, ess_fraction)
+    # datasets in batches: the ESS grid holds 2 x 64 x N numbers per dataset
+    batch = max(1, min(g.shape[0], POOLED_BLOCK_ELEMENTS // (2 * GRID_SIZE * g.shape[1])))
+    return jax.lax.map(lambda a: empirical.__wrapped__(*a, ess_fraction), (g, w), batch_size=batch)
 
 
 def effective_sample_size(g, lam) -> jax.Array:
@@ -247,7 +250,12 @@ class PooledCGF(NamedTuple):
         return jnp.sum(jnp.where(u, per, 0.0), axis=0) / self.used.sum()
 
     def _over(self, method, lam):
-        return jax.vmap(lambda m: getattr(m, method)(lam))(self.members)
+        # members in batches: a pooled Lambda grid over many datasets of many particles
+        # would otherwise hold E x lams x N numbers at once
+        leaf = self.members.c if self.kind == "empirical" else self.members.kappa
+        E, N = leaf.shape[0], leaf.shape[-1]
+        batch = max(1, min(E, POOLED_BLOCK_ELEMENTS // (max(1, jnp.size(lam)) * N)))
+        return jax.lax.map(lambda m: getattr(m, method)(lam), self.members, batch_size=batch)
 
     def fn(self, lam):
         return self._mean(self._over("fn", lam))
