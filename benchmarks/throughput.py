@@ -364,6 +364,54 @@ def bench_simulate(repeats, have_blackjax, rows):
           (f" = {rows[-2]['vs BlackJAX']:.2f}x BlackJAX" if have_blackjax else ""), flush=True)
 
 
+# PERF-NOTES "Where a whole simulate spends its time": the engine alone is cheap here, so
+# any per-dataset host work of the evaluation shows
+STAGES_LEAN = {"task": {"d": 32, "k": 1, "n": 256}, "num_datasets": 32, "num_particles": 32,
+               "teacher": {"num_steps": 2000}, "student": {"langevin": {"num_steps": 2000}},
+               "estimators": {"scratch": False, "girsanov": False}}
+STAGE_NAMES = ("engine", "closed_forms", "estimators", "bounds", "tables")
+
+
+def stage_configs(quick: bool) -> dict[str, dict]:
+    """The configurations of the evaluation-cost targets (issue 16)."""
+    wide = {"num_datasets": 256}
+    if quick:
+        wide["num_particles"] = 32          # 256 x 256 x 6000 steps is minutes on a CPU
+    return {"lean (d=32, k=1, 32 x 32, no scratch/Girsanov)": STAGES_LEAN, "default": {},
+            f"default, 256 datasets x {wide.get('num_particles', 256)} particles": wide}
+
+
+def bench_stages(repeats, quick, rows):
+    """A whole simulate against the engine alone (``run_populations``) on the same config,
+    repeats interleaved, and the simulate's seconds per stage (``meta["timings"]``)."""
+    for name, cfg in stage_configs(quick).items():
+        results = []
+
+        def sim():
+            results.append(kdsim.simulate(cfg, progress=False))
+            return results[-1].per_dataset["gen_S"].to_numpy()
+
+        def engine():
+            return jax.tree_util.tree_leaves(kdsim.run_populations(cfg, progress=False).populations)
+
+        (rs, ss, cs), (re, se, ce) = _median_rates([(sim, 1.0), (engine, 1.0)], repeats)
+        t_sim, t_eng = 1.0 / rs, 1.0 / re
+        timed = sorted(results[1:], key=lambda r: r.meta["total_seconds"])
+        mid = timed[len(timed) // 2].meta
+        stages = dict(mid.get("timings", {}))
+        stages.setdefault("engine", mid["engine_seconds"])
+        evaluation = mid["total_seconds"] - mid["engine_seconds"]
+        row = {"config": name, "simulate_s": t_sim, "engine_s": t_eng, "simulate_over_engine": t_sim / t_eng,
+               "spread": max(ss, se), "in_run_engine_s": mid["engine_seconds"],
+               "in_run_total_s": mid["total_seconds"], "evaluation_s": evaluation,
+               "evaluation_over_engine": evaluation / mid["engine_seconds"], "stages": stages,
+               "first_call_s": cs}
+        rows.append(row)
+        print(f"  {name}: simulate {t_sim:.2f} s, engine {t_eng:.2f} s ({t_sim / t_eng:.2f}x); "
+              f"evaluation {evaluation:.2f} s = {row['evaluation_over_engine']:.0%} of the engine; "
+              + ", ".join(f"{k} {v:.2f}" for k, v in stages.items()), flush=True)
+
+
 MILLION = {"num_datasets": 256, "num_particles": 4096, "particle_chunk": 1024,
            "teacher": {"num_steps": 100}, "student": {"langevin": {"num_steps": 100}},
            "estimators": {"scratch": False}}
@@ -451,6 +499,18 @@ def markdown(result: dict) -> str:
         if "vs BlackJAX" in r:
             lines += ["", f"Whole default `simulate`: {r['rate']:.3g} particle-steps/s = "
                       f"**{r['vs BlackJAX']:.2f}x BlackJAX** on the same model and particle count."]
+    if result.get("stages"):
+        lines += ["", "## Evaluation cost: a whole simulate against the engine alone", "",
+                  "Median of 3 interleaved repeats after a warm-up; `evaluation` = the simulate's "
+                  "total minus its engine seconds (same run); stages from `Result.meta[\"timings\"]` "
+                  "(seconds, exclusive).", "",
+                  "| config | simulate (s) | engine (s) | simulate / engine | evaluation / engine | "
+                  + " | ".join(STAGE_NAMES) + " |", "|---" * (5 + len(STAGE_NAMES)) + "|"]
+        for r in result["stages"]:
+            st = r["stages"]
+            lines.append(f"| {r['config']} | {r['simulate_s']:.2f} | {r['engine_s']:.2f} | "
+                         f"{r['simulate_over_engine']:.2f} | {r['evaluation_over_engine']:.0%} | "
+                         + " | ".join(f"{st[k]:.2f}" if k in st else "–" for k in STAGE_NAMES) + " |")
     targets = targets_met(result)
     if targets:
         lines += ["", "## Targets", ""] + [f"- {t}" for t in targets]
@@ -503,6 +563,13 @@ def targets_met(result) -> list[str]:
             x = eng["rate"] / bj["rate"]
             line += f"; {x:.2f}x BlackJAX (target >= {need_bj:g}): {verdict(x >= need_bj)}"
         out.append(line)
+    for i, r in enumerate(result.get("stages", [])):
+        if i == 0:
+            out.append(f"{r['config']}: whole simulate {r['simulate_over_engine']:.2f}x the engine "
+                       f"(target <= 1.3): {verdict(r['simulate_over_engine'] <= 1.3)}")
+        else:
+            out.append(f"{r['config']}: evaluation {r['evaluation_over_engine']:.0%} of the engine "
+                       f"(target < 20%): {verdict(r['evaluation_over_engine'] < 0.2)}")
     for r in result["rows"]:
         if "vs BlackJAX" in r and not gpu:
             out.append(f"whole default simulate: {r['vs BlackJAX']:.2f}x BlackJAX (target >= 2 on CPU): "
@@ -542,6 +609,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-mlp", action="store_true")
     ap.add_argument("--million", action="store_true", help="also run 2^20 particles in chunks")
+    ap.add_argument("--stages-only", action="store_true",
+                    help="only the evaluation-cost targets (simulate vs engine, seconds per stage)")
     ap.add_argument("--compare", help="a previous JSON result: report ratio changes, fail on regression")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/throughput_<platform>.json)")
     args = ap.parse_args()
@@ -560,7 +629,12 @@ def main() -> int:
         sizes = [64, 256, 1024, 4096, 16384] if not gpu else [1024, 16384, 1 << 18, 1 << 20]
     steps = args.steps or (100 if args.quick and not gpu else 500)
     repeats = 2 if args.quick else args.repeats
-    rows, n_rows, million = [], [], []
+    rows, n_rows, million, stage_rows, precision = [], [], [], [], []
+    print("evaluation cost (whole simulate against the engine alone):", flush=True)
+    bench_stages(3, args.quick, stage_rows)
+    if args.stages_only:
+        return _write(args, gpu, {"machine": machine(), "args": " ".join(sys.argv[1:]), "rows": [],
+                                  "stages": stage_rows})
     print(f"kdsim throughput on {jax.devices()[0]} ({len(sizes)} sizes, {steps} steps)", flush=True)
     bench_linear(sizes, steps, repeats, have_blackjax, rows)
     if not args.no_mlp:
@@ -570,7 +644,6 @@ def main() -> int:
     print("n-scaling of the linear engine:", flush=True)
     bench_n_scaling(1024, steps, repeats, [64, 1024, 16384, 65536] if args.quick
                     else [64, 256, 1024, 4096, 16384, 65536], n_rows)
-    precision = []
     print("engine precision:", flush=True)
     bench_precision(precision)
     if args.million:
@@ -582,9 +655,14 @@ def main() -> int:
     measured = [a for a, prev in zip(sys.argv[1:], [""] + sys.argv[1:])
                 if a not in ("--compare", "--out") and prev not in ("--compare", "--out")]
     result = {"machine": machine(), "args": " ".join(measured), "rows": rows,
-              "n_scaling": n_rows, "million": million, "precision": precision}
+              "n_scaling": n_rows, "million": million, "precision": precision, "stages": stage_rows}
+    return _write(args, gpu, result)
+
+
+def _write(args, gpu, result) -> int:
     plat = "gpu" if gpu else "cpu"
-    out = args.out or os.path.join(HERE, "results", f"throughput_{plat}{'_quick' if args.quick else ''}.json")
+    tag = "_stages" if args.stages_only else ("_quick" if args.quick else "")
+    out = args.out or os.path.join(HERE, "results", f"throughput_{plat}{tag}.json")
     os.makedirs(os.path.dirname(out), exist_ok=True)
     with open(out, "w") as fh:
         json.dump(result, fh, indent=1)

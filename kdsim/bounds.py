@@ -1,7 +1,12 @@
-"""Generalization bounds of SPEC §4, as pure functions of per-dataset inputs.
+"""Generalization bounds of SPEC §4 as array programs over datasets (SPEC §12).
 
-All functions return the *excess* over the teacher's gap (``bound - gen_T`` for upper
-bounds, ``gen_T - bound`` for lower bounds), so a bound on ``gen_S(D)`` is
+Every function here is a pure ``jax.numpy`` function of ONE dataset's inputs (a CGF of
+:mod:`kdsim.estimators.cgf` and scalars); :func:`dataset_bounds` and
+:func:`pooled_bounds` vmap them over all datasets in one jitted program. Call them
+under ``jax.enable_x64(True)``: bounds are float64.
+
+All excess functions return the *excess* over the teacher's gap (``bound - gen_T`` for
+upper bounds, ``gen_T - bound`` for lower bounds), so a bound on ``gen_S(D)`` is
 ``gen_T(D) ± excess``. Bounds never sample: randomness lives in their inputs.
 
 - B0, Donsker--Varadhan: ``gen_S - gen_T <= min_lam (KL + Lambda(lam)) / lam`` and
@@ -14,204 +19,438 @@ bounds, ``gen_T - bound`` for lower bounds), so a bound on ``gen_S(D)`` is
 B0's minimisation includes the optimal ``lam`` of B1 and B3 and B2's grid among its
 candidates, so with the same CGF B0 is never looser than B1, B2 or B3 whenever their
 assumptions hold at those points (SPEC §8).
+
+Optimisation has a fixed cost: a dense geometric grid of ``DENSE`` points, then
+``GOLDEN_STEPS`` golden-section steps (in ``log lam``) between the grid neighbours of
+the best point; every sup / self-consistency loop has a fixed number of iterations.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, NamedTuple
+from functools import partial
+from typing import NamedTuple
 
-import numpy as np
-from scipy.optimize import minimize_scalar
+import jax
+import jax.numpy as jnp
 
-from .estimators.cgf import CGF
+from .estimators.cgf import PooledCGF, geomspace
 
 DENSE = 256
+BLOCK_ELEMENTS = 1 << 23   # Lambda-grid numbers (lam x particle) held at once: 64 MiB
+GOLDEN_STEPS = 48          # bracket of width <= 0.22 in log lam -> < 1e-10 after 48 steps
+SELF_CONSISTENCY_STEPS = 50
 VALIDITY_Z = 3.0
+_INVPHI = (math.sqrt(5.0) - 1.0) / 2.0
 
 
-def _search_range(cgf: CGF, sign: int) -> tuple[float, float]:
-    sup = cgf.lam_sup if sign > 0 else cgf.eta_sup
+def _golden_min(f, a, b, steps: int = GOLDEN_STEPS):
+    """Minimise a unimodal ``f`` on ``[a, b]`` by golden section: ``(x, f(x))``."""
+    c = b - _INVPHI * (b - a)
+    d = a + _INVPHI * (b - a)
+
+    def body(_, s):
+        a, b, c, d, fc, fd = s
+        left = fc < fd                    # the minimum lies in [a, d]
+        a2, b2 = jnp.where(left, a, c), jnp.where(left, d, b)
+        c2 = jnp.where(left, b2 - _INVPHI * (b2 - a2), d)
+        d2 = jnp.where(left, c, a2 + _INVPHI * (b2 - a2))
+        new = f(jnp.where(left, c2, d2))  # one new evaluation per step
+        fc2 = jnp.where(left, new, fd)
+        fd2 = jnp.where(left, fc, new)
+        return a2, b2, c2, d2, fc2, fd2
+
+    a, b, c, d, fc, fd = jax.lax.fori_loop(0, steps, body, (a, b, c, d, f(c), f(d)))
+    return jnp.where(fc <= fd, c, d), jnp.minimum(fc, fd)
+
+
+def _search_range(cgf, sign):
+    sup = jnp.where(sign > 0, cgf.lam_sup, cgf.eta_sup)
     lo = 1e-6 / cgf.scale
     if cgf.kind == "exact":
-        hi = sup * (1 - 1e-9) if np.isfinite(sup) else 1e6 / cgf.scale
+        hi = jnp.where(jnp.isfinite(sup), sup * (1 - 1e-9), 1e6 / cgf.scale)
     else:
         hi = sup
     return lo, hi
 
 
-def dv_excess(kl: float, cgf: CGF, sign: int = 1,
-              candidates: Iterable[float] = ()) -> tuple[float, float]:
-    """``min_{lam > 0} (KL + Lambda(sign * lam)) / lam`` and its minimiser.
+def dv_excess(kl, cgf, sign=1, candidates=None, candidate_mask=None):
+    """``min_{lam > 0} (KL + Lambda(sign * lam)) / lam`` and its minimiser (each of
+    ``kl``'s shape: several KLs share the grid's Lambda evaluations).
 
-    ``(KL + Lambda(lam))/lam`` is unimodal in lam (Lambda is convex with Lambda(0) = 0),
-    so a dense geometric grid plus a bounded scalar refinement finds the minimum;
-    ``candidates`` (e.g. the optimal lam of B1 and B3) are always evaluated too.
-    At ``KL = 0`` the minimum is the ``lam -> 0`` limit, 0.
+    ``sign`` (+1: upper tail, -1: lower tail) may be traced, so one vmapped call serves
+    both tails.
+    ``(KL + Lambda(lam))/lam`` is unimodal in lam (Lambda is convex with Lambda(0) = 0):
+    a dense geometric grid, then golden-section refinement between the grid neighbours
+    of the best grid point. ``candidates`` ``(C,)`` (e.g. the optimal lam of B1 and B3;
+    ``candidate_mask`` marks the ones that count) are evaluated too; when one of them
+    beats every grid point it is the answer (no refinement). At ``KL = 0`` the minimum
+    is the ``lam -> 0`` limit, 0.
     """
-    if kl == 0.0:
-        return 0.0, 0.0
-    if not math.isfinite(kl):
-        return (math.inf if kl > 0 else math.nan), math.nan
     lo, hi = _search_range(cgf, sign)
-    if not hi > lo:
-        return math.inf, math.nan
-    extra = np.asarray([c for c in candidates if np.isfinite(c) and 0 < c <= hi], np.float64)
-    lams = np.concatenate([np.geomspace(lo, hi, DENSE), extra])
-    objective = lambda lam: (kl + cgf.fn(sign * lam)) / lam
-    vals = objective(lams)
-    i = int(np.nanargmin(vals))
-    best, best_lam = float(vals[i]), float(lams[i])
-    if i < DENSE:
-        a = math.log(lams[max(i - 1, 0)])
-        b = math.log(lams[min(i + 1, DENSE - 1)])
-        if b > a:
-            res = minimize_scalar(lambda t: float(objective(np.exp(t))), bounds=(a, b),
-                                  method="bounded", options={"xatol": 1e-10})
-            if res.fun < best:
-                best, best_lam = float(res.fun), float(np.exp(res.x))
-    return best, best_lam
+    ok_range = hi > lo
+    hi_s = jnp.where(ok_range, hi, 2 * lo)
+    lams = geomspace(lo, hi_s, DENSE)
+    # Lambda on the grid and at the candidates does not depend on KL: computed once for
+    # every KL of the batch (kl may be an array; Lambda's evaluations dominate the cost)
+    L_grid = cgf.fn(sign * lams)
+    if candidates is not None:
+        cand = jnp.atleast_1d(jnp.asarray(candidates, jnp.float64))
+        valid = jnp.isfinite(cand) & (cand > 0) & (cand <= hi)
+        if candidate_mask is not None:
+            valid &= candidate_mask
+        safe = jnp.where(valid, cand, lo)
+        L_cand = cgf.fn(sign * safe)
+
+    def one(kl):
+        objective = lambda lam: (kl + cgf.fn(sign * lam)) / lam
+        vals = (kl + L_grid) / lams
+        i = jnp.nanargmin(vals)
+        best, best_lam = vals[i], lams[i]
+        a = jnp.log(lams[jnp.maximum(i - 1, 0)])
+        b = jnp.log(lams[jnp.minimum(i + 1, DENSE - 1)])
+        t, ft = _golden_min(lambda t: objective(jnp.exp(t)), a, b)
+        better = (b > a) & (ft < best)
+        best, best_lam = jnp.where(better, ft, best), jnp.where(better, jnp.exp(t), best_lam)
+        if candidates is not None:
+            cvals = jnp.where(valid, (kl + L_cand) / safe, jnp.inf)
+            j = jnp.argmin(cvals)
+            # a candidate strictly below every grid point wins, unrefined (ties go to the grid)
+            wins = cvals[j] < vals[i]
+            best, best_lam = jnp.where(wins, cvals[j], best), jnp.where(wins, safe[j], best_lam)
+        best = jnp.where(ok_range, best, jnp.inf)
+        best_lam = jnp.where(ok_range, best_lam, jnp.nan)
+        finite = jnp.isfinite(kl)
+        best = jnp.where(kl == 0, 0.0, jnp.where(finite, best, jnp.where(kl > 0, jnp.inf, jnp.nan)))
+        best_lam = jnp.where(kl == 0, 0.0, jnp.where(finite, best_lam, jnp.nan))
+        return best, best_lam
+
+    kl = jnp.asarray(kl, jnp.float64)
+    best, best_lam = jax.vmap(one)(kl.reshape(-1))
+    return best.reshape(kl.shape), best_lam.reshape(kl.shape)
 
 
-def subgaussian_sigma2(cgf: CGF, lam_max: float) -> float:
-    """``sup_{0 < lam <= lam_max} 2 Lambda(lam) / lam^2`` (includes the lam -> 0 limit Var)."""
+def subgaussian_sigma2(cgf, lam_max):
+    """``sup_{0 < lam <= lam_max} 2 Lambda(lam) / lam^2``, including the lam -> 0 limit Var.
+
+    Empirical CGF: over its grid. Exact: a dense grid refined by golden section.
+    """
     if cgf.kind == "empirical":
-        grid = cgf.grid(+1)
-        grid = grid[grid <= lam_max]
-        vals = cgf.ratio(grid) if grid.size else np.zeros(0)
-        return float(max(cgf.variance, vals.max() if vals.size else 0.0))
-    hi = lam_max if np.isfinite(lam_max) else 1e6 / cgf.scale
-    grid = np.geomspace(1e-6 / cgf.scale, hi, DENSE)
+        g, m = cgf.grid(+1)
+        m = m & (g <= lam_max)
+        vals = jnp.where(m, cgf.ratio(g), -jnp.inf)
+        return jnp.maximum(cgf.variance, vals.max())
+    lo = 1e-6 / cgf.scale
+    hi = jnp.where(jnp.isfinite(lam_max), lam_max, 1e6 / cgf.scale)
+    grid = geomspace(lo, hi, DENSE)
     vals = cgf.ratio(grid)
-    best = float(max(cgf.variance, vals.max()))
-    i = int(np.argmax(vals))
-    a, b = math.log(grid[max(i - 1, 0)]), math.log(grid[min(i + 1, DENSE - 1)])
-    if b > a:
-        res = minimize_scalar(lambda t: -float(cgf.ratio(np.exp(t))), bounds=(a, b),
-                              method="bounded", options={"xatol": 1e-10})
-        best = max(best, -float(res.fun))
-    return best
+    best = jnp.maximum(cgf.variance, vals.max())
+    i = jnp.argmax(vals)
+    a = jnp.log(grid[jnp.maximum(i - 1, 0)])
+    b = jnp.log(grid[jnp.minimum(i + 1, DENSE - 1)])
+    _, neg = _golden_min(lambda t: -cgf.ratio(jnp.exp(t)), a, b)
+    return jnp.where(b > a, jnp.maximum(best, -neg), best)
 
 
-def subgaussian_excess(kl: float, sigma2: float, lam_max: float) -> tuple[float, float]:
+def subgaussian_excess(kl, sigma2, lam_max):
     """B1's excess and the lam it uses: ``sqrt(2 sigma^2 KL)`` or the linear regime at lam_max."""
-    if not math.isfinite(kl) or not math.isfinite(sigma2):
-        return math.inf, math.nan
-    sigma = math.sqrt(sigma2)
-    if kl == 0.0:
-        return 0.0, 0.0
-    lam_star = math.sqrt(2 * kl) / sigma if sigma > 0 else math.inf
-    if lam_star <= lam_max:
-        return math.sqrt(2 * sigma2 * kl), lam_star
-    return kl / lam_max + lam_max * sigma2 / 2, lam_max
+    sigma = jnp.sqrt(sigma2)
+    lam_star = jnp.where(sigma > 0, jnp.sqrt(2 * kl) / jnp.where(sigma > 0, sigma, 1.0), jnp.inf)
+    sqrt_regime = lam_star <= lam_max
+    excess = jnp.where(sqrt_regime, jnp.sqrt(2 * sigma2 * kl),
+                       kl / lam_max + lam_max * sigma2 / 2)
+    lam = jnp.where(sqrt_regime, lam_star, lam_max)
+    finite = jnp.isfinite(kl) & jnp.isfinite(sigma2)
+    excess = jnp.where(finite, jnp.where(kl == 0, 0.0, excess), jnp.inf)
+    lam = jnp.where(finite, jnp.where(kl == 0, 0.0, lam), jnp.nan)
+    return excess, lam
 
 
-def subgaussian_bound(kl: float, cgf: CGF, lam_max: float) -> tuple[float, float, float]:
-    """B1 with sigma from ``cgf``: ``(excess, lam used, sigma^2)``.
+class SubGaussian(NamedTuple):
+    excess: jax.Array
+    lam: jax.Array       # the lam B1 uses
+    sigma2: jax.Array
+
+
+def subgaussian_bound(kl, cgf, lam_max) -> SubGaussian:
+    """B1 with sigma from ``cgf``.
 
     sigma^2 is the sup of ``2 Lambda / lam^2`` over the grid (with the lam -> 0 limit)
     and over the lam that B1 itself uses, so the sub-Gaussian inequality holds exactly
-    where the bound is evaluated (for an empirical CGF a grid alone can miss it there).
+    where the bound is evaluated (for an empirical CGF a grid alone can miss it there):
+    a fixed number of self-consistency steps, each raising sigma^2 to ``ratio(lam)``
+    until it no longer grows.
     """
     sigma2 = subgaussian_sigma2(cgf, lam_max)
     excess, lam = subgaussian_excess(kl, sigma2, lam_max)
-    for _ in range(50):
-        if not (np.isfinite(lam) and lam > 0):
-            break
-        r = float(cgf.ratio(np.asarray(lam)))
-        if not r > sigma2 * (1 + 1e-12):
-            break
-        sigma2 = r
-        excess, lam = subgaussian_excess(kl, sigma2, lam_max)
-    return excess, lam, sigma2
+
+    def body(_, s):
+        sigma2, excess, lam, done = s
+        live = ~done & jnp.isfinite(lam) & (lam > 0)
+        r = cgf.ratio(jnp.where(live, lam, 1.0) * 1.0)
+        grow = live & (r > sigma2 * (1 + 1e-12))
+        sigma2 = jnp.where(grow, r, sigma2)
+        e2, l2 = subgaussian_excess(kl, sigma2, lam_max)
+        return sigma2, jnp.where(grow, e2, excess), jnp.where(grow, l2, lam), ~grow
+
+    sigma2, excess, lam, _ = jax.lax.fori_loop(
+        0, SELF_CONSISTENCY_STEPS, body, (sigma2, excess, lam, jnp.zeros((), bool)))
+    return SubGaussian(excess, lam, sigma2)
 
 
 class CentralResult(NamedTuple):
-    excess: float
-    eta: float
-    eps: float
+    excess: jax.Array
+    eta: jax.Array
+    eps: jax.Array
 
 
-def central_excess(kl: float, cgf: CGF) -> CentralResult:
+def central_excess(kl, cgf) -> CentralResult:
     """B2: ``min over the eta grid of eps(eta) + KL / eta``, ``eps(eta) = Lambda(-eta)/eta``."""
-    if not math.isfinite(kl):
-        return CentralResult(math.inf, math.nan, math.nan)
-    etas = cgf.grid(-1)
-    if etas.size == 0:
-        return CentralResult(math.inf, math.nan, math.nan)
+    etas, m = cgf.grid(-1)
     eps = cgf.fn(-etas) / etas
-    total = eps + kl / etas
-    i = int(np.argmin(total))
-    return CentralResult(float(total[i]), float(etas[i]), float(eps[i]))
+    total = jnp.where(m, eps + kl / etas, jnp.inf)
+    i = jnp.argmin(total)
+    ok = jnp.isfinite(kl) & m.any()
+    return CentralResult(jnp.where(ok, total[i], jnp.inf), jnp.where(ok, etas[i], jnp.nan),
+                         jnp.where(ok, eps[i], jnp.nan))
 
 
-def sharpness_sigma(G: float, S: float, rho: float) -> float:
+def sharpness_sigma(G, S, rho):
     """``sigma_D(rho) = G rho + S rho^2 / 2``: half the range of g_D over the ball."""
     return G * rho + 0.5 * S * rho**2
 
 
-def tightness_radius(G: float, S: float, sigma_ref: float) -> float:
+def tightness_radius(G, S, sigma_ref):
     """``rho0 = (sqrt(G^2 + 2 S sigma_ref) - G) / S``: B3 beats B1 iff ``rho < rho0``."""
-    if not (math.isfinite(sigma_ref) and sigma_ref >= 0):
-        return math.nan
-    if S > 0:
-        return (math.sqrt(G * G + 2 * S * sigma_ref) - G) / S
-    return sigma_ref / G if G > 0 else math.inf
+    G, S, sigma_ref = jnp.asarray(G), jnp.asarray(S), jnp.asarray(sigma_ref)
+    S_safe = jnp.where(S > 0, S, 1.0)
+    curved = (jnp.sqrt(G * G + 2 * S * sigma_ref) - G) / S_safe
+    flat = jnp.where(G > 0, sigma_ref / jnp.where(G > 0, G, 1.0), jnp.inf)
+    ok = jnp.isfinite(sigma_ref) & (sigma_ref >= 0)
+    return jnp.where(ok, jnp.where(S > 0, curved, flat), jnp.nan)
 
 
-def subgaussian_holds(check: CGF, sigma2: float, lam_max: float, z: float = VALIDITY_Z) -> bool:
+def subgaussian_holds(check, sigma2, lam_max, z: float = VALIDITY_Z):
     """Does ``check``'s ``Lambda(lam) <= lam^2 sigma^2 / 2`` on ``(0, lam_max]``?
 
     ``check`` is independent of the fit (the exact CGF, or held-out particles whose
     Monte Carlo error is allowed ``z`` standard errors).
     """
-    if not math.isfinite(sigma2):
-        return False
     if check.kind == "exact":
-        hi = min(lam_max, check.lam_sup * (1 - 1e-9)) if np.isfinite(check.lam_sup) else lam_max
-        if not np.isfinite(hi):
-            hi = 1e6 / check.scale
-        if np.isfinite(lam_max) and lam_max >= check.lam_sup:
-            return False                 # Lambda is infinite inside the claimed range
-        grid = np.geomspace(1e-6 / check.scale, hi, 4 * DENSE)
-        return bool(np.all(check.ratio(grid) <= sigma2 * (1 + 1e-9)))
-    grid = check.grid(+1)
-    grid = grid[grid <= lam_max]
-    if grid.size == 0:
-        return True
-    return bool(np.all(check.fn(grid) <= 0.5 * grid**2 * sigma2 + z * check.se(grid)))
+        sup = check.lam_sup
+        hi = jnp.where(jnp.isfinite(sup), jnp.minimum(lam_max, sup * (1 - 1e-9)), lam_max)
+        hi = jnp.where(jnp.isfinite(hi), hi, 1e6 / check.scale)
+        grid = geomspace(1e-6 / check.scale, hi, 4 * DENSE)
+        ok = jnp.all(check.ratio(grid) <= sigma2 * (1 + 1e-9))
+        # Lambda is infinite inside the claimed range
+        ok &= ~(jnp.isfinite(lam_max) & (lam_max >= sup))
+    else:
+        g, m = check.grid(+1)
+        m = m & (g <= lam_max)
+        ok = jnp.all(~m | (check.fn(g) <= 0.5 * g**2 * sigma2 + z * check.se(g)))
+    return ok & jnp.isfinite(sigma2)
 
 
-def central_holds(check: CGF, eta: float, eps: float, z: float = VALIDITY_Z) -> bool:
+def central_holds(check, eta, eps, z: float = VALIDITY_Z):
     """Does the teacher satisfy ``Lambda(-eta) <= eta eps`` on independent data?"""
-    if not (math.isfinite(eta) and math.isfinite(eps)):
-        return False
+    finite = jnp.isfinite(eta) & jnp.isfinite(eps)
+    eta_s = jnp.where(finite, eta, 0.0)
+    lam = -eta_s
     if check.kind == "exact":
-        if eta >= check.eta_sup:
-            return False
-        return bool(check.fn(-eta) <= eta * eps * (1 + 1e-9) + 1e-300)
-    return bool(check.fn(-eta) <= eta * eps + z * float(check.se(np.asarray(-eta))))
+        ok = (check.fn(lam) <= eta * eps * (1 + 1e-9) + 1e-300) & (eta_s < check.eta_sup)
+    else:
+        ok = check.fn(lam) <= eta * eps + z * check.se(lam)
+    return ok & finite
 
 
-def holds(bound: float, truth: float, se: float, upper: bool, z: float = VALIDITY_Z) -> bool:
+def holds(bound, truth, se, upper: bool, z: float = VALIDITY_Z):
     """Does the bound hold on the truth, allowing ``z`` standard errors of Monte Carlo error?"""
-    if math.isnan(bound) or math.isnan(truth):
-        return False
-    slack = z * se if math.isfinite(se) else 0.0
-    return truth <= bound + slack if upper else truth >= bound - slack
+    slack = jnp.where(jnp.isfinite(se), z * se, 0.0)
+    ok = truth <= bound + slack if upper else truth >= bound - slack
+    return ok & ~jnp.isnan(bound) & ~jnp.isnan(truth)
 
 
-def pooled(cgfs: list[CGF]) -> CGF:
-    """``E_D Lambda_D`` over datasets as one CGF (domain: the intersection)."""
-    kinds = {c.kind for c in cgfs}
-    fn = lambda lam: np.mean([c.fn(lam) for c in cgfs], axis=0)
-    ratio = lambda lam: np.mean([c.ratio(lam) for c in cgfs], axis=0)
-    se = None
-    if kinds == {"empirical"}:
-        se = lambda lam: np.sqrt(np.sum([c.se(lam) ** 2 for c in cgfs], axis=0)) / len(cgfs)
-    return CGF(fn=fn, ratio=ratio, lam_sup=min(c.lam_sup for c in cgfs),
-               eta_sup=min(c.eta_sup for c in cgfs),
-               variance=float(np.mean([c.variance for c in cgfs])),
-               kind="exact" if kinds == {"exact"} else "empirical",
-               kappa_min=min(c.kappa_min for c in cgfs), kappa_max=max(c.kappa_max for c in cgfs),
-               se=se)
+def b1_lam_max(cgf, c_lam):
+    """B1's lambda range: ``c_lam / kappa_max`` for an exact CGF (sub-exponential upper
+    tail; inf when it is sub-Gaussian everywhere), the empirical CGF's usable range else."""
+    if cgf.kind == "exact":
+        kmax = cgf.kappa_max
+        return jnp.where(kmax > 0, c_lam / jnp.where(kmax > 0, kmax, 1.0), jnp.inf)
+    return cgf.lam_sup
+
+
+# --------------------------------------------------------------------------------------
+# all bounds of all datasets in one program
+
+BOUND_NAMES = ("B0_upper", "B0_lower", "B1_upper", "B2_lower", "B3_upper")
+UPPER = (True, False, True, False, True)
+
+
+class DatasetInputs(NamedTuple):
+    """Per-dataset inputs of the bounds (leading axis E), float64."""
+
+    kl: jax.Array         # (E,) KL_D (negative estimates are clamped to 0)
+    kl_se: jax.Array      # (E,) its standard error (non-finite -> 0)
+    gen_T: jax.Array      # (E,)
+    gen_T_se: jax.Array   # (E,)
+    truth: jax.Array      # (E,) the student's true gap
+    truth_se: jax.Array   # (E,)
+    used: jax.Array       # (E,) bool: the dataset has bounds (usable and KL not NaN)
+    has_check: jax.Array  # (E,) bool: independent data to judge the assumptions exist
+    G: jax.Array          # (E,) B3: gradient norm of the gap at the centre
+    S: jax.Array          # (E,) B3: curvature bound over the ball
+    rho: jax.Array        # (E,) B3: radius of the teacher's ball
+    outside: jax.Array    # (E,) B3: held-out teacher mass outside the ball
+    extra_var: jax.Array  # (E,) B3: variance proxy added to sigma_D(rho)^2
+
+
+class DatasetBounds(NamedTuple):
+    """Bounds of every dataset, ``(E,)`` each; NaN where a bound does not apply.
+
+    ``value``, ``valid`` and ``assumption`` are ``(5, E)`` in the order of
+    :data:`BOUND_NAMES`; flags are 1.0 / 0.0, or NaN where they do not apply.
+    """
+
+    value: jax.Array
+    valid: jax.Array
+    assumption: jax.Array
+    sigma_B1: jax.Array
+    lam_max: jax.Array
+    B0_lam: jax.Array
+    B0_eta: jax.Array
+    B2_eta: jax.Array
+    B2_eps: jax.Array
+    rho0: jax.Array
+
+
+def _one_dataset(x: DatasetInputs, fit, check, c_lam, sigma_bounded, has_b3: bool):
+    """All bounds of one dataset (fields of ``x`` are scalars here)."""
+    kl = jnp.maximum(x.kl, 0.0)               # KL >= 0: a negative estimate is noise around 0
+    kl_se = jnp.where(jnp.isfinite(x.kl_se), x.kl_se, 0.0)
+    perturb = (kl_se > 0) & jnp.isfinite(kl)
+    # every excess at KL and at KL + se (the finite-difference Monte Carlo error of a bound)
+    kls = jnp.stack([kl, kl + kl_se])
+    if sigma_bounded is not None:
+        lam_max = jnp.asarray(jnp.inf)
+        sigma2 = jnp.asarray(float(sigma_bounded) ** 2)
+        b1, lam_b1 = subgaussian_excess(kl, sigma2, lam_max)
+        b1_holds = jnp.asarray(1.0)          # Hoeffding: a bounded loss is sub-Gaussian
+    else:
+        lam_max = b1_lam_max(fit, c_lam)
+        b1, lam_b1, sigma2 = subgaussian_bound(kl, fit, lam_max)
+        b1_holds = jnp.where(x.has_check, subgaussian_holds(check, sigma2, lam_max), jnp.nan)
+    b1_2 = subgaussian_excess(kls[1], sigma2, lam_max)[0]
+    if has_b3:
+        sig3 = jnp.sqrt(sharpness_sigma(x.G, x.S, x.rho) ** 2 + x.extra_var)
+        b3, lam_b3 = subgaussian_excess(kl, sig3**2, jnp.inf)
+        b3_2 = subgaussian_excess(kls[1], sig3**2, jnp.inf)[0]
+        rho0 = tightness_radius(x.G, x.S, jnp.sqrt(sigma2))
+        b3_holds = jnp.where(x.outside == 0, 1.0, 0.0)
+    else:
+        b3 = b3_2 = lam_b3 = rho0 = b3_holds = jnp.asarray(jnp.nan)
+    central = jax.vmap(central_excess, in_axes=(0, None))(kls, fit)
+    # B0 upper and lower at KL and KL + se: one vmapped search over the four problems
+    # (candidates: the lam of B1 and B3 upward, B2's eta grid downward)
+    etas, eta_mask = fit.grid(-1)
+    up = jnp.concatenate([jnp.stack([lam_b1, lam_b3]), etas])
+    up_mask = jnp.concatenate([jnp.ones(2, bool), jnp.zeros_like(eta_mask)])
+    dn = jnp.concatenate([jnp.full(2, jnp.nan), etas])
+    dn_mask = jnp.concatenate([jnp.zeros(2, bool), eta_mask])
+    b0, lam0 = jax.vmap(lambda s_, c_, m_: dv_excess(kls, fit, s_, c_, m_))(
+        jnp.asarray([1.0, -1.0]), jnp.stack([up, dn]), jnp.stack([up_mask, dn_mask]))
+    b0, lam0 = b0.reshape(-1), lam0.reshape(-1)
+    b0u, b0l, lam0, eta0 = b0[:2], b0[2:], lam0[:2], lam0[2:]
+    b2_holds = jnp.where(x.has_check, central_holds(check, central.eta[0], central.eps[0]), jnp.nan)
+
+    excess = jnp.stack([b0u[0], b0l[0], b1, central.excess[0], b3])
+    excess2 = jnp.stack([b0u[1], b0l[1], b1_2, central.excess[1], b3_2])
+    d_excess = jnp.where(perturb, excess2 - excess, 0.0)
+    assumption = jnp.stack([jnp.asarray(1.0), jnp.asarray(1.0), b1_holds, b2_holds, b3_holds])
+    sign = jnp.asarray([1.0 if u else -1.0 for u in UPPER])
+    value = x.gen_T + sign * excess
+    se = jnp.sqrt(x.gen_T_se**2 + d_excess**2 + x.truth_se**2)
+    valid = jnp.stack([holds(value[b], x.truth, se[b], UPPER[b]) for b in range(len(UPPER))])
+    applies = ~jnp.isnan(excess) & x.used
+    nan = jnp.nan
+    out = DatasetBounds(
+        value=jnp.where(applies, value, nan),
+        valid=jnp.where(applies, valid.astype(jnp.float64), nan),
+        assumption=jnp.where(applies, assumption, nan),
+        sigma_B1=jnp.sqrt(sigma2), lam_max=lam_max, B0_lam=lam0[0], B0_eta=eta0[0],
+        B2_eta=central.eta[0], B2_eps=central.eps[0], rho0=rho0)
+    scalars = {f: jnp.where(x.used, getattr(out, f), nan) for f in DatasetBounds._fields[3:]}
+    return out._replace(**scalars)
+
+
+@partial(jax.jit, static_argnames=("sigma_bounded", "has_b3"))
+def dataset_bounds(x: DatasetInputs, fit, check, c_lam, *, sigma_bounded: float | None = None,
+                   has_b3: bool = True) -> DatasetBounds:
+    """B0--B3, their validity and assumption flags, for every dataset at once.
+
+    Args:
+      x: per-dataset inputs ``(E,)``.
+      fit: the CGF batch ``[E, ...]`` the bounds use (fitted on the first teacher particles).
+      check: a CGF batch ``[E, ...]`` independent of ``fit`` (the exact CGF or held-out
+        particles) on which the assumptions are judged (where ``x.has_check``).
+      c_lam: B1's ``lam_max = c_lam / kappa_max`` for an exact CGF.
+      sigma_bounded: sigma = B of a loss bounded in [0, B]: B1 then needs no fit.
+      has_b3: whether ``x``'s B3 inputs are given (else B3 is NaN).
+    Returns:
+      :class:`DatasetBounds`, ``value``/``valid``/``assumption`` ``(5, E)``, the rest ``(E,)``.
+    """
+    one = lambda a: _one_dataset(*a, c_lam, sigma_bounded, has_b3)
+    # datasets in batches whose Lambda grids stay within BLOCK_ELEMENTS numbers
+    size = max(_cgf_size(fit), _cgf_size(check))
+    batch = max(1, min(x.kl.shape[0], BLOCK_ELEMENTS // (2 * DENSE * size)))
+    out = jax.lax.map(one, (x, fit, check), batch_size=batch)
+    return out._replace(value=out.value.T, valid=out.valid.T, assumption=out.assumption.T)
+
+
+def _cgf_size(cgf) -> int:
+    """Numbers one Lambda evaluation touches: particles (empirical) or eigenvalues (exact)."""
+    return int((cgf.c if cgf.kind == "empirical" else cgf.kappa).shape[-1])
+
+
+class PooledBounds(NamedTuple):
+    """Bounds on the dataset-averaged gap (B0 upper, B0 lower, B1 upper, B2 lower), ``(4,)``."""
+
+    value: jax.Array
+    truth: jax.Array     # ()
+    tightness: jax.Array
+    valid: jax.Array
+
+
+POOLED_NAMES = ("B0_upper", "B0_lower", "B1_upper", "B2_lower")
+
+
+@partial(jax.jit, static_argnames=("sigma_bounded",))
+def pooled_bounds(x: DatasetInputs, fit, c_lam, *, sigma_bounded: float | None = None) -> PooledBounds:
+    """Bounds with ``K_n = E_D KL_D`` and ``E_D Lambda_D`` (one lam for all datasets).
+
+    SPEC §4: ``sigmabar^2 = sup 2 E_D Lambda_D / lam^2`` with lam_max common to all
+    datasets (the mean of per-dataset sigma_D^2 would be valid and looser). Averages
+    run over the datasets in ``x.used`` (at least one).
+    """
+    cg = PooledCGF(fit, x.used)
+    n = x.used.sum()
+    mean = lambda v: jnp.sum(jnp.where(x.used, v, 0.0)) / n
+    K_n = mean(jnp.maximum(x.kl, 0.0))
+    gT, truth = mean(x.gen_T), mean(x.truth)
+    se = jnp.sqrt(jnp.sum(jnp.where(x.used, x.gen_T_se**2 + x.truth_se**2, 0.0))) / n
+    if sigma_bounded is not None:
+        b1, lam_b1 = subgaussian_excess(K_n, float(sigma_bounded) ** 2, jnp.inf)
+    else:
+        b1, lam_b1, _ = subgaussian_bound(K_n, cg, b1_lam_max(cg, c_lam))
+    etas, eta_mask = cg.grid(-1)
+    b0, _ = jax.vmap(lambda s_, c_, m_: dv_excess(K_n, cg, s_, c_, m_))(
+        jnp.asarray([1.0, -1.0]), jnp.stack([jnp.concatenate([lam_b1[None], etas]),
+                                             jnp.concatenate([jnp.asarray([jnp.nan]), etas])]),
+        jnp.stack([jnp.concatenate([jnp.ones(1, bool), jnp.zeros_like(eta_mask)]),
+                   jnp.concatenate([jnp.zeros(1, bool), eta_mask])]))
+    b0u, b0l = b0[0], b0[1]
+    b2 = central_excess(K_n, cg).excess
+    value = jnp.stack([gT + b0u, gT - b0l, gT + b1, gT - b2])
+    upper = (True, False, True, False)
+    sign = jnp.asarray([1.0 if u else -1.0 for u in upper])
+    valid = jnp.stack([holds(value[i], truth, se, u) for i, u in enumerate(upper)])
+    return PooledBounds(value, truth, sign * (value - truth), valid.astype(jnp.float64))

@@ -6,7 +6,6 @@ the bounds, with a note for every column that is NaN or infinite and why.
 
 from __future__ import annotations
 
-import math
 from functools import partial
 from typing import NamedTuple
 
@@ -17,6 +16,7 @@ import pandas as pd
 
 from . import bounds, closed_form, streams
 from .config import Resolved
+from .timing import StageTimer, single_threaded_blas, timer_or_null
 from .estimators import cgf as cgf_mod
 from .estimators import divergence, predictive, sharpness
 from .stats import mean_se
@@ -247,24 +247,42 @@ def engine_columns(ctx: Context) -> tuple[dict[str, np.ndarray], list[str]]:
     return cols, notes
 
 
-def linear_columns(run) -> Evaluation:
-    """Per-dataset columns of the linear task, the pooled bounds, and the notes."""
-    ctx, cols, notes = context(run)
-    for stage in (closed_form_columns, monte_carlo_columns, divergence_columns, engine_columns):
-        c, n_ = stage(ctx)
+def linear_columns(run, timer: StageTimer | None = None) -> Evaluation:
+    """Per-dataset columns of the linear task, the pooled bounds, and the notes.
+
+    ``timer`` (optional) collects the seconds of each stage: ``closed_forms``,
+    ``estimators``, ``bounds`` (the bound maths) and ``tables`` (columns and notes).
+    """
+    with single_threaded_blas():
+        return _linear_columns(run, timer_or_null(timer))
+
+
+def _linear_columns(run, timer: StageTimer) -> Evaluation:
+    with timer("closed_forms"):
+        ctx, cols, notes = context(run)
+    stages = (("closed_forms", closed_form_columns), ("estimators", monte_carlo_columns),
+              ("estimators", divergence_columns), ("estimators", engine_columns))
+    for name, stage in stages:
+        with timer(name):
+            c, n_ = stage(ctx)
         cols.update(c)
         notes += n_
-    cols.update(_sharpness_columns(run, ctx.ok))
-    bound_cols, pooled, bnotes = bound_columns(_linear_bound_inputs(run, ctx, cols))
+    with timer("estimators"):
+        cols.update(_sharpness_columns(run, ctx.ok))
+    with timer("closed_forms"):
+        inputs = _linear_bound_inputs(run, ctx, cols)
+    bound_cols, pooled, bnotes = bound_columns(inputs, timer=timer)
     cols.update(bound_cols)
     notes += bnotes
-    fs_cols, fs_pooled, fs_notes = function_space_columns(ctx)
+    with timer("estimators"):
+        fs_cols, fs_pooled, fs_notes = function_space_columns(ctx, timer)
     cols.update(fs_cols)
     notes += fs_notes
-    return finish(cols, pd.concat([pooled, fs_pooled]), notes)
+    with timer("tables"):
+        return finish(cols, pd.concat([pooled, fs_pooled]), notes)
 
 
-def function_space_columns(ctx: Context):
+def function_space_columns(ctx: Context, timer: StageTimer | None = None):
     """Function-space gaps, convexity bound and F-bounds of the linear task (Gaussian
     channel), with the closed forms of the gaps and of the convexity bound."""
     from . import function_space as fs
@@ -274,11 +292,13 @@ def function_space_columns(ctx: Context):
     Xg, Yg = lg.sample_points(*fs.ghost_streams(root), np.arange(st.num_datasets),
                               run.resolved.ghost_points, data.W_star, data.sx, data.noise)
     ghost = fs.Ghost(Xg, Yg)
-    predict = lambda W: fs.Predictions(np.einsum("epkd,end->epnk", W, data.X),
-                                       np.einsum("epkd,emd->epmk", W, Xg))
-    truth, klF = fs.linear_exact(ctx, ghost)
+    # (E, 1, n, d) @ (E, P, d, k) -> (E, P, n, k): batched BLAS, not einsum's loops
+    on = lambda X, W: np.matmul(np.asarray(X, np.float64)[:, None], np.swapaxes(W, -1, -2))
+    predict = lambda W: fs.Predictions(on(data.X, W), on(Xg, W))
+    with timer_or_null(timer)("closed_forms"):
+        truth, klF = fs.linear_exact(ctx, ghost)
     return fs.columns(run, ctx.ok, ctx.usable, predict(ctx.W_T), predict(ctx.W_S), data.Y, ghost,
-                      truth_exact=truth, klF_exact=klF)
+                      truth_exact=truth, klF_exact=klF, timer=timer)
 
 
 def finish(cols: dict, pooled: pd.DataFrame, notes: list[str]) -> Evaluation:
@@ -342,18 +362,32 @@ def _sharpness_columns(run, ok: np.ndarray) -> dict[str, np.ndarray]:
     lap_top, lap_trace = np.full(E, np.nan), np.full(E, np.nan)
     p_dim = st.k * st.d
     gamma, s0 = res.numeric.teacher.gamma, res.numeric.teacher.prior_scale
-    for e in range(E):
+    # datasets whose pairs all survived: one vmapped call; the others one by one
+    intact = ok.all(axis=1) & (P > p_dim)
+    H = np.full((E, p_dim, p_dim), np.nan)
+    if intact.any():
+        with jax.enable_x64(True):
+            H[intact] = np.asarray(_laplace_batch(jnp.asarray(W_T[intact].reshape(-1, P, p_dim)),
+                                                  gamma, s0))
+    for e in np.flatnonzero(~intact):
         parts = W_T[e, ok[e]].reshape(-1, p_dim)
         if parts.shape[0] > p_dim:
             with jax.enable_x64(True):
-                H = np.asarray(sharpness.laplace_hessian(jnp.asarray(parts), gamma, s0))
-            if not np.isfinite(H).all():   # a singular particle covariance: stays NaN
-                continue
-            ev = np.linalg.eigvalsh(0.5 * (H + H.T))
-            lap_top[e], lap_trace[e] = ev[-1], ev.sum()
+                H[e] = np.asarray(sharpness.laplace_hessian(jnp.asarray(parts), gamma, s0))
+    # a singular particle covariance (non-finite Hessian) stays NaN
+    has = np.isfinite(H).all(axis=(1, 2))
+    if has.any():
+        ev = np.linalg.eigvalsh(0.5 * (H[has] + np.swapaxes(H[has], -1, -2)))
+        lap_top[has], lap_trace[has] = ev[:, -1], ev.sum(-1)
     cols["sharpness_laplace_top"] = lap_top
     cols["sharpness_laplace_trace"] = lap_trace
     return cols
+
+
+@jax.jit
+def _laplace_batch(parts, gamma, prior_scale):
+    """:func:`sharpness.laplace_hessian` of every dataset: ``(E, P, p) -> (E, p, p)``."""
+    return jax.vmap(lambda w: sharpness.laplace_hessian(w, gamma, prior_scale))(parts)
 
 
 def _kl_for_bounds(run, cols) -> tuple[np.ndarray, np.ndarray, str]:
@@ -373,14 +407,6 @@ def _kl_for_bounds(run, cols) -> tuple[np.ndarray, np.ndarray, str]:
     return cols[f"kl_{name}"], cols[f"kl_{name}_se"], ""
 
 
-def b1_lam_max(cgf, c_lam: float) -> float:
-    """B1's lambda range: ``c_lam / kappa_max`` for an exact CGF (sub-exponential upper
-    tail; inf when it is sub-Gaussian everywhere), the empirical CGF's usable range else."""
-    if cgf.kind == "exact":
-        return c_lam / cgf.kappa_max if cgf.kappa_max > 0 else math.inf
-    return cgf.lam_sup
-
-
 class BoundInputs(NamedTuple):
     """What the bounds of one loss need, per dataset (leading axis E)."""
 
@@ -396,7 +422,7 @@ class BoundInputs(NamedTuple):
     usable: np.ndarray          # (E,)
     n_fit: int                  # the first n_fit teacher particles fit; the rest check
     cgf_kind: str               # "exact" | "empirical"
-    exact_cgfs: list | None     # per-dataset exact CGFs (linear task), else None
+    exact_cgfs: cgf_mod.ExactCGF | None  # exact CGFs, leading axis E (linear task), else None
     sharp: dict | None          # {"G", "S", "rho", "outside"} arrays, or None
     sharp_reason: str           # why B3 is NaN when sharp is None
     sigma_bounded: float | None  # sigma = B of a loss bounded in [0, B] (B1 then needs no fit)
@@ -404,167 +430,164 @@ class BoundInputs(NamedTuple):
     ess_fraction: float
 
 
-def bound_columns(inp: BoundInputs, suffix: str = "", prefix: str = ""):
-    """Bounds B0--B3 per dataset, their flags, and the pooled bounds.
+def _bucket(n: int) -> int:
+    """Array sizes are padded to a power of two (at least 8), so runs of similar sizes
+    share one compiled bounds program."""
+    return max(8, 1 << max(0, int(n) - 1).bit_length())
 
-    Returns ``(columns, pooled DataFrame, notes)``; column names carry ``prefix``
-    (``"F_"`` for the function-space bounds) and ``suffix`` (``"_01"`` for the 0-1 loss).
-    ``inp.sharp`` may carry ``"extra_var"``: a variance proxy added to ``sigma_D(rho)^2``
-    (the label draws of the function-space B3).
-    """
+
+def _pad(a: np.ndarray, size: int, fill, axis: int = 0) -> np.ndarray:
+    a = np.asarray(a)
+    width = [(0, 0)] * a.ndim
+    width[axis] = (0, size - a.shape[axis])
+    return np.pad(a, width, constant_values=fill)
+
+
+def _empirical_cgfs(g: np.ndarray, w: np.ndarray, ess_fraction: float, E_pad: int):
+    """Empirical CGFs of every dataset from gaps ``g`` and mask ``w`` ``(E, N)``, padded."""
+    N_pad = _bucket(g.shape[1])
+    g = _pad(_pad(g.astype(np.float64), E_pad, 0.0), N_pad, 0.0, axis=1)
+    w = _pad(_pad(w, E_pad, False), N_pad, False, axis=1)
+    return cgf_mod.empirical_batch(g, w, jnp.float64(ess_fraction))
+
+
+def _bound_program_inputs(inp: BoundInputs):
+    """Host-side preparation: per-dataset arrays padded to a bucket, and the fit / check
+    CGF batches (call under ``jax.enable_x64``). Returns ``(x, fit, check)``."""
     E = len(inp.gen_T)
-    notes: list[str] = []
-    sfx = lambda name: prefix + name + suffix
-    out = {sfx(name): np.full(E, np.nan) for name in (
-        "sigma_B1", "lam_max", "B0_lam", "B0_eta", "B2_eta", "B2_eps", "rho0", *BOUND_NAMES)}
+    Ep = _bucket(E)
+    f64 = lambda a, fill=np.nan: jnp.asarray(_pad(np.asarray(a, np.float64), Ep, fill))
+    fit_ok, hold_ok = inp.ok[:, :inp.n_fit], inp.ok[:, inp.n_fit:]
+    has_check = (np.ones(E, bool) if inp.exact_cgfs is not None
+                 else hold_ok.sum(axis=1) >= MIN_PAIRS)
+    sharp = inp.sharp or {}
+    zeros = np.zeros(E)
+    x = bounds.DatasetInputs(
+        kl=f64(inp.kl), kl_se=f64(inp.kl_se, 0.0), gen_T=f64(inp.gen_T), gen_T_se=f64(inp.gen_T_se),
+        truth=f64(inp.truth), truth_se=f64(inp.truth_se),
+        used=jnp.asarray(_pad(inp.usable & ~np.isnan(inp.kl), Ep, False)),
+        has_check=jnp.asarray(_pad(has_check, Ep, False)),
+        G=f64(sharp.get("G", zeros)), S=f64(sharp.get("S", zeros)), rho=f64(sharp.get("rho", zeros)),
+        outside=f64(sharp.get("outside", zeros)), extra_var=f64(sharp.get("extra_var", zeros), 0.0))
+    exact = None
     if inp.exact_cgfs is not None:
-        out[sfx("kappa_min")] = np.array([c.kappa_min for c in inp.exact_cgfs])
-        out[sfx("kappa_max")] = np.array([c.kappa_max for c in inp.exact_cgfs])
-    flags = {sfx(f"{b}_{s}"): np.full(E, np.nan) for b in BOUND_NAMES for s in ("valid", "assumption")}
-    cgfs_fit, used = [], []
-    for e in range(E):
-        kl_raw = float(inp.kl[e])
-        if not inp.usable[e] or np.isnan(kl_raw):
-            continue
-        fit_ok = inp.ok[e, :inp.n_fit]
-        hold_ok = inp.ok[e, inp.n_fit:]
-        if inp.cgf_kind == "exact":
-            fit_cgf = inp.exact_cgfs[e]
-        else:
-            fit_cgf = cgf_mod.empirical(inp.g_T[e, :inp.n_fit][fit_ok], inp.ess_fraction)
-        # assumptions are judged on data independent of the fit: the exact Lambda, else
-        # the held-out teacher particles
-        if inp.exact_cgfs is not None:
-            check = inp.exact_cgfs[e]
-        elif hold_ok.sum() >= MIN_PAIRS:
-            check = cgf_mod.empirical(inp.g_T[e, inp.n_fit:][hold_ok], inp.ess_fraction)
-        else:
-            check = None
-        cgfs_fit.append(fit_cgf)
-        used.append(e)
-        gT, gT_se = float(inp.gen_T[e]), float(inp.gen_T_se[e])
-        kl_e = max(kl_raw, 0.0)          # KL >= 0: a negative estimate is noise around 0
-        kl_se_e = float(inp.kl_se[e]) if np.isfinite(inp.kl_se[e]) else 0.0
+        exact = jax.tree_util.tree_map(lambda a: jnp.asarray(_pad(a, Ep, 1.0)), inp.exact_cgfs)
+    if inp.cgf_kind == "exact":
+        fit = exact
+    else:
+        fit = _empirical_cgfs(inp.g_T[:, :inp.n_fit], fit_ok, inp.ess_fraction, Ep)
+    # assumptions are judged on data independent of the fit: the exact Lambda, else the
+    # held-out teacher particles (where there are at least MIN_PAIRS of them)
+    if exact is not None:
+        check = exact
+    elif hold_ok.shape[1] > 0:
+        check = _empirical_cgfs(inp.g_T[:, inp.n_fit:], hold_ok, inp.ess_fraction, Ep)
+    else:
+        check = fit
+    return x, fit, check
 
-        # B1: sigma from the bounded loss, or fitted (exact / empirical CGF)
-        if inp.sigma_bounded is not None:
-            lam_max, sigma2 = math.inf, inp.sigma_bounded**2
-            b1, lam_b1 = bounds.subgaussian_excess(kl_e, sigma2, lam_max)
-            b1_holds = True                      # Hoeffding: a bounded loss is sub-Gaussian
-        else:
-            lam_max = b1_lam_max(fit_cgf, inp.c_lam)
-            b1, lam_b1, sigma2 = bounds.subgaussian_bound(kl_e, fit_cgf, lam_max)
-            b1_holds = None if check is None else bounds.subgaussian_holds(check, sigma2, lam_max)
-        out[sfx("sigma_B1")][e], out[sfx("lam_max")][e] = math.sqrt(sigma2), lam_max
-        # B3
-        if inp.sharp is not None:
-            G_D, S_D, rho = (float(inp.sharp[n][e]) for n in ("G", "S", "rho"))
-            sig3 = math.sqrt(bounds.sharpness_sigma(G_D, S_D, rho) ** 2
-                             + float(inp.sharp.get("extra_var", np.zeros(E))[e]))
-            b3, lam_b3 = bounds.subgaussian_excess(kl_e, sig3**2, math.inf)
-            out[sfx("rho0")][e] = bounds.tightness_radius(G_D, S_D, math.sqrt(sigma2))
-            b3_holds = bool(inp.sharp["outside"][e] == 0)
-        else:
-            b3, lam_b3, b3_holds = math.nan, math.nan, None
-        # B2
-        central = bounds.central_excess(kl_e, fit_cgf)
-        out[sfx("B2_eta")][e], out[sfx("B2_eps")][e] = central.eta, central.eps
-        # B0 (candidates: the lam of B1 and B3, B2's grid)
-        b0u, lam0 = bounds.dv_excess(kl_e, fit_cgf, +1, candidates=(lam_b1, lam_b3))
-        b0l, eta0 = bounds.dv_excess(kl_e, fit_cgf, -1, candidates=fit_cgf.grid(-1))
-        out[sfx("B0_lam")][e], out[sfx("B0_eta")][e] = lam0, eta0
 
-        excess = {"B0_upper": b0u, "B0_lower": b0l, "B1_upper": b1, "B2_lower": central.excess,
-                  "B3_upper": b3}
-        # Monte Carlo error of a bound: gen_T's, plus the estimated KL's (finite difference)
-        d_excess = {}
-        if kl_se_e > 0 and math.isfinite(kl_e):
-            kl2 = kl_e + kl_se_e
-            d_excess = {
-                "B0_upper": bounds.dv_excess(kl2, fit_cgf, +1, (lam_b1, lam_b3))[0] - b0u,
-                "B0_lower": bounds.dv_excess(kl2, fit_cgf, -1, fit_cgf.grid(-1))[0] - b0l,
-                "B1_upper": bounds.subgaussian_excess(kl2, sigma2, lam_max)[0] - b1,
-                "B2_lower": bounds.central_excess(kl2, fit_cgf).excess - central.excess}
-            if inp.sharp is not None:
-                d_excess["B3_upper"] = bounds.subgaussian_excess(kl2, sig3**2, math.inf)[0] - b3
-        assumption = {
-            "B0_upper": True, "B0_lower": True, "B1_upper": b1_holds,
-            "B2_lower": None if check is None else bounds.central_holds(check, central.eta, central.eps),
-            "B3_upper": b3_holds,
-        }
-        truth, truth_se = float(inp.truth[e]), float(inp.truth_se[e])
-        for name in BOUND_NAMES:
-            if math.isnan(excess[name]):
-                continue
-            sign = 1.0 if UPPER[name] else -1.0
-            value = gT + sign * excess[name]
-            out[sfx(name)][e] = value
-            se = math.sqrt(gT_se**2 + d_excess.get(name, 0.0) ** 2 + truth_se**2)
-            flags[sfx(f"{name}_valid")][e] = bounds.holds(value, truth, se, UPPER[name])
-            if assumption[name] is not None:
-                flags[sfx(f"{name}_assumption")][e] = assumption[name]
+def bound_arrays(inp: BoundInputs) -> tuple[bounds.DatasetBounds, bounds.PooledBounds | None]:
+    """Every bound of every dataset and the pooled bounds, as NumPy arrays (one jitted
+    program each, one device-to-host copy); the pooled bounds are None when no dataset
+    has bounds."""
+    E = len(inp.gen_T)
+    has_b3 = inp.sharp is not None
+    with jax.enable_x64(True):
+        x, fit, check = _bound_program_inputs(inp)
+        per = bounds.dataset_bounds(x, fit, check, jnp.float64(inp.c_lam),
+                                    sigma_bounded=inp.sigma_bounded, has_b3=has_b3)
+        pooled = None
+        if bool(np.any(inp.usable & ~np.isnan(inp.kl))):
+            pooled = bounds.pooled_bounds(x, fit, jnp.float64(inp.c_lam),
+                                          sigma_bounded=inp.sigma_bounded)
+        per, pooled = jax.device_get((per, pooled))
+    per = bounds.DatasetBounds(*(np.asarray(a, np.float64)[..., :E] for a in per))
+    if pooled is not None:
+        pooled = bounds.PooledBounds(*(np.asarray(a, np.float64) for a in pooled))
+    return per, pooled
 
-    for name in BOUND_NAMES:
+
+def _bound_table(per: bounds.DatasetBounds, inp: BoundInputs, sfx) -> dict[str, np.ndarray]:
+    """Per-dataset columns of the bounds: values, tightness, inputs, flags."""
+    out = {}
+    for name in ("sigma_B1", "lam_max", "B0_lam", "B0_eta", "B2_eta", "B2_eps", "rho0"):
+        out[sfx(name)] = getattr(per, name)
+    for b, name in enumerate(BOUND_NAMES):
+        out[sfx(name)] = per.value[b]
+    if inp.exact_cgfs is not None:
+        out[sfx("kappa_min")] = np.asarray(inp.exact_cgfs.kappa_min, np.float64)
+        out[sfx("kappa_max")] = np.asarray(inp.exact_cgfs.kappa_max, np.float64)
+    for b, name in enumerate(BOUND_NAMES):
         sign = 1.0 if UPPER[name] else -1.0
-        out[sfx(f"{name}_tightness")] = sign * (out[sfx(name)] - inp.truth)
-    out.update(flags)
+        out[sfx(f"{name}_tightness")] = sign * (per.value[b] - inp.truth)
+    for b, name in enumerate(BOUND_NAMES):
+        out[sfx(f"{name}_valid")] = per.valid[b]
+        out[sfx(f"{name}_assumption")] = per.assumption[b]
+    return out
+
+
+def _bound_notes(inp: BoundInputs, cols: dict[str, np.ndarray], sfx) -> list[str]:
+    """Why bounds are infinite or NaN, the CGF's range, and every failed flag."""
+    notes = []
     if inp.kl_reason:
         what = "+inf / -inf" if np.isinf(inp.kl).any() else "NaN"
         notes.append(f"{', '.join(sfx(b) for b in BOUND_NAMES)}: {what}: {inp.kl_reason}.")
     elif inp.sharp is None:
         notes.append(f"{sfx('B3_upper')}: NaN: {inp.sharp_reason}.")
     if inp.exact_cgfs is not None:
-        if np.nanmax(out[sfx("kappa_max")]) > 0 and inp.sigma_bounded is None:
+        if np.nanmax(cols[sfx("kappa_max")]) > 0 and inp.sigma_bounded is None:
             notes.append(
                 "kappa_max > 0: the upper tail of the teacher's gap is sub-exponential, NOT "
                 "sub-Gaussian for all lam; B1 uses lam_max = c_lam / kappa_max "
                 f"(c_lam = {inp.c_lam}).")
-        if np.nanmin(out[sfx("kappa_min")]) < 0:
+        if np.nanmin(cols[sfx("kappa_min")]) < 0:
             notes.append(
                 "kappa_min < 0: Lambda_D(-eta) = +inf for eta >= 1/|kappa_min|; the B2 grid and "
                 "B0's lower search stop there.")
     for name in ("B1_upper", "B2_lower", "B3_upper"):
-        failed = np.flatnonzero(flags[sfx(f"{name}_assumption")] == 0)
+        failed = np.flatnonzero(cols[sfx(f"{name}_assumption")] == 0)
         if failed.size:
             why = " (held-out teacher mass outside the B3 ball > 0)" if name == "B3_upper" else ""
             notes.append(f"{sfx(name + '_assumption')}: False in datasets {failed.tolist()}{why}")
     for name in BOUND_NAMES:
-        broken = np.flatnonzero(flags[sfx(f"{name}_valid")] == 0)
+        broken = np.flatnonzero(cols[sfx(f"{name}_valid")] == 0)
         if broken.size:
             notes.append(f"{sfx(name + '_valid')}: False in datasets {broken.tolist()} (the bound "
                          "fails on the truth beyond 3 standard errors)")
-    pooled = _pooled_bounds(inp, cgfs_fit, np.asarray(used, int), suffix, prefix)
-    return out, pooled, notes
+    return notes
 
 
-def _pooled_bounds(inp: BoundInputs, cgfs: list, idx: np.ndarray, suffix: str,
-                   prefix: str = "") -> pd.DataFrame:
-    """Bounds on the dataset-averaged gap with K_n = E_D KL_D and E_D Lambda_D (one lam)."""
+def _pooled_table(pooled: bounds.PooledBounds | None, suffix: str, prefix: str = "") -> pd.DataFrame:
+    """The pooled bounds as a DataFrame indexed by bound name."""
     columns = ["value", "truth", "tightness", "valid"]
-    if not cgfs:
+    if pooled is None:
         return pd.DataFrame(columns=columns, index=pd.Index([], name="bound"), dtype=float)
-    cg = bounds.pooled(cgfs)
-    K_n = float(np.mean(np.maximum(inp.kl[idx], 0.0)))
-    gT = float(np.mean(inp.gen_T[idx]))
-    se = float(np.sqrt(np.sum(inp.gen_T_se[idx] ** 2 + inp.truth_se[idx] ** 2)) / len(idx))
-    truth = float(np.mean(inp.truth[idx]))
-    if inp.sigma_bounded is not None:
-        lam_max = math.inf
-        b1, lam_b1 = bounds.subgaussian_excess(K_n, inp.sigma_bounded**2, lam_max)
-    else:
-        lam_max = b1_lam_max(cg, inp.c_lam)
-        b1, lam_b1, _ = bounds.subgaussian_bound(K_n, cg, lam_max)
-    b0u, _ = bounds.dv_excess(K_n, cg, +1, candidates=(lam_b1,))
-    b0l, _ = bounds.dv_excess(K_n, cg, -1, candidates=cg.grid(-1))
-    b2 = bounds.central_excess(K_n, cg).excess
-    rows = {}
-    for name, value, upper in (("B0_upper", gT + b0u, True), ("B0_lower", gT - b0l, False),
-                               ("B1_upper", gT + b1, True), ("B2_lower", gT - b2, False)):
-        tight = value - truth if upper else truth - value
-        rows[prefix + name + suffix] = (value, truth, tight, float(bounds.holds(value, truth, se, upper)))
+    rows = {prefix + name + suffix: (float(pooled.value[i]), float(pooled.truth),
+                                     float(pooled.tightness[i]), float(pooled.valid[i]))
+            for i, name in enumerate(bounds.POOLED_NAMES)}
     df = pd.DataFrame.from_dict(rows, orient="index", columns=columns)
     df.index.name = "bound"
     return df
+
+
+def bound_columns(inp: BoundInputs, suffix: str = "", prefix: str = "",
+                  timer: StageTimer | None = None):
+    """Bounds B0--B3 per dataset, their flags, and the pooled bounds.
+
+    Returns ``(columns, pooled DataFrame, notes)``; column names carry ``prefix``
+    (``"F_"`` for the function-space bounds) and ``suffix`` (``"_01"`` for the 0-1 loss).
+    ``inp.sharp`` may carry ``"extra_var"``: a variance proxy added to ``sigma_D(rho)^2``
+    (the label draws of the function-space B3). The maths runs for all datasets in one
+    program (:func:`bound_arrays`); the tables and notes are built from its arrays.
+    """
+    timer = timer_or_null(timer)
+    sfx = lambda name: prefix + name + suffix
+    with timer("bounds"):
+        per, pooled = bound_arrays(inp)
+    with timer("tables"):
+        cols = _bound_table(per, inp, sfx)
+        return cols, _pooled_table(pooled, suffix, prefix), _bound_notes(inp, cols, sfx)
 
 
 def _linear_bound_inputs(run, ctx: "Context", cols) -> BoundInputs:
@@ -578,7 +601,7 @@ def _linear_bound_inputs(run, ctx: "Context", cols) -> BoundInputs:
         gen_T=cols["gen_T"], gen_T_se=cols["gen_T_se"], truth=cols["gen_S_exact"],
         truth_se=np.zeros(E), kl=kl, kl_se=kl_se, kl_reason=reason, g_T=ctx.g_T, ok=ctx.ok,
         usable=ctx.usable, n_fit=_split(st.num_particles, cfg.estimators.b3_holdout),
-        cgf_kind=res.cgf, exact_cgfs=[cgf_mod.exact(kappa[e], A[e], st.k) for e in range(E)],
+        cgf_kind=res.cgf, exact_cgfs=cgf_mod.exact(kappa, A, st.k),
         sharp={"G": cols["gap_gradient"], "S": cols["gap_curvature"], "rho": cols["rho"],
                "outside": cols["b3_outside_mass"]},
         sharp_reason="", sigma_bounded=None, c_lam=cfg.estimators.c_lam,

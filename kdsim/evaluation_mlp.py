@@ -27,6 +27,7 @@ from .estimators import divergence, sharpness
 from .models import same_structure
 from .stats import mean_se
 from .tasks import mlp as mlp_task
+from .timing import single_threaded_blas, timer_or_null
 
 CHUNK = 8   # particles evaluated at once per dataset (bounds memory on large test sets)
 
@@ -99,7 +100,16 @@ def _take(tree, e: int, idx=None) -> np.ndarray:
     return np.concatenate([r.reshape(r.shape[0], -1) for r in rows], axis=1).astype(np.float64)
 
 
-def mlp_columns(run) -> ev.Evaluation:
+def mlp_columns(run, timer=None) -> ev.Evaluation:
+    """Per-dataset columns, pooled bounds and notes of an MLP run; ``timer`` (optional)
+    collects the seconds of the bound maths (``bounds``), their tables (``tables``) and
+    everything else (``estimators``)."""
+    timer = timer_or_null(timer)
+    with single_threaded_blas(), timer("estimators"):
+        return _mlp_columns(run, timer)
+
+
+def _mlp_columns(run, timer) -> ev.Evaluation:
     res: Resolved = run.resolved
     st, nm, cfg, data, pops = res.static, res.numeric, run.config, run.data, run.populations
     classification = st.task == "mlp_classification"
@@ -175,7 +185,7 @@ def mlp_columns(run) -> ev.Evaluation:
             sharp_reason="B3 is never computed from the 0-1 loss (zero gradient almost everywhere)",
             sigma_bounded=1.0 if is01 else None, c_lam=cfg.estimators.c_lam,
             ess_fraction=cfg.estimators.ess_fraction)
-        bcols, pooled, bnotes = ev.bound_columns(inp, sfx)
+        bcols, pooled, bnotes = ev.bound_columns(inp, sfx, timer=timer)
         cols.update(bcols)
         notes += bnotes
         pooled_all.append(pooled)
@@ -183,13 +193,14 @@ def mlp_columns(run) -> ev.Evaluation:
     if lap:
         notes.append(lap)
     fs_cols, fs_pooled, fs_notes = _function_space(run, ok, usable, m_T["F"], m_S["F"], ball,
-                                                   teacher_model, student_model)
+                                                   teacher_model, student_model, timer)
     cols.update(fs_cols)
     notes += fs_notes
     return ev.finish(cols, pd.concat(pooled_all + [fs_pooled]), notes)
 
 
-def _function_space(run, ok, usable, F_T, F_S, ball: "Ball", teacher_model, student_model):
+def _function_space(run, ok, usable, F_T, F_S, ball: "Ball", teacher_model, student_model,
+                    timer=None):
     from . import function_space as fs
     res: Resolved = run.resolved
     st, nm, cfg, data, pops = res.static, res.numeric, run.config, run.data, run.populations
@@ -221,7 +232,7 @@ def _function_space(run, ok, usable, F_T, F_S, ball: "Ball", teacher_model, stud
                 apply=teacher_model.apply, num_iters=cfg.estimators.power_iterations)
             b3 = {"G": to64(G), "S": to64(S), "rho": ball.rho, "outside": ball.outside}
     return fs.columns(run, ok, usable, pred_T, pred_S, np.asarray(data.Y, np.float64)
-                      if not classification else data.Y, ghost, b3=b3)
+                      if not classification else data.Y, ghost, b3=b3, timer=timer)
 
 
 def _per_dataset(values: np.ndarray, ok: np.ndarray, usable: np.ndarray):

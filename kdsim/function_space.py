@@ -39,6 +39,7 @@ from .estimators import sharpness
 from .stats import mean_se
 
 F_NAMES = tuple("F_" + b for b in ev.BOUND_NAMES)
+CHANNEL_BLOCK = 1 << 14     # particles whose channel draws are made in one call
 
 
 class Ghost(NamedTuple):
@@ -103,18 +104,36 @@ def channel_samples(seed: int, preds: Predictions, Y, Y_ghost, classification: b
     root = streams.root_key(seed)
     keys = streams.particle_keys(root, "channel", jnp.arange(E, dtype=jnp.uint32),
                                  jnp.arange(P, dtype=jnp.uint32))
+    # datasets in vmapped blocks of at most CHANNEL_BLOCK particles (bounded memory),
+    # one device-to-host copy per block
+    block = max(1, CHANNEL_BLOCK // P)
     out = []
-    for e in range(E):
+    for lo in range(0, E, block):
+        sl = slice(lo, lo + block)
         if classification:
-            g = _label_channel_gaps(keys[e], jnp.asarray(preds.train[e], jnp.float32),
-                                    jnp.asarray(preds.ghost[e], jnp.float32), jnp.asarray(Y[e]),
-                                    jnp.asarray(Y_ghost[e]), jnp.float32(tau), draws=draws)
+            g = _label_channel_gaps_all(keys[sl], jnp.asarray(preds.train[sl], jnp.float32),
+                                        jnp.asarray(preds.ghost[sl], jnp.float32), jnp.asarray(Y[sl]),
+                                        jnp.asarray(Y_ghost[sl]), jnp.float32(tau), draws=draws)
         else:
-            r_t = jnp.asarray(Y[e][None] - preds.train[e], jnp.float32)
-            r_g = jnp.asarray(Y_ghost[e][None] - preds.ghost[e], jnp.float32)
-            g = _gaussian_channel_gaps(keys[e], r_t, r_g, jnp.float32(nu_p), draws=draws)
+            r_t = jnp.asarray(Y[sl, None] - preds.train[sl], jnp.float32)
+            r_g = jnp.asarray(Y_ghost[sl, None] - preds.ghost[sl], jnp.float32)
+            g = _gaussian_channel_gaps_all(keys[sl], r_t, r_g, jnp.float32(nu_p), draws=draws)
         out.append(np.asarray(g, np.float64))
-    return np.stack(out)
+    return np.concatenate(out)
+
+
+@partial(jax.jit, static_argnames=("draws",))
+def _gaussian_channel_gaps_all(keys, r_train, r_ghost, nu_p, *, draws: int):
+    """:func:`_gaussian_channel_gaps` for every dataset: leading axis E on each argument."""
+    one = lambda k, rt, rg: _gaussian_channel_gaps.__wrapped__(k, rt, rg, nu_p, draws=draws)
+    return jax.vmap(one)(keys, r_train, r_ghost)
+
+
+@partial(jax.jit, static_argnames=("draws",))
+def _label_channel_gaps_all(keys, logits_train, logits_ghost, y_train, y_ghost, tau, *, draws: int):
+    """:func:`_label_channel_gaps` for every dataset: leading axis E on each array."""
+    one = lambda k, lt, lg_, yt, yg: _label_channel_gaps.__wrapped__(k, lt, lg_, yt, yg, tau, draws=draws)
+    return jax.vmap(one)(keys, logits_train, logits_ghost, y_train, y_ghost)
 
 
 def noise_averaged_gap(preds: Predictions, Y, Y_ghost, classification: bool, tau: float) -> np.ndarray:
@@ -177,7 +196,7 @@ def _label_gap_curvature(centres, points, X, Y, Xg, Yg, tau, v_gap, *, apply, nu
 
 def columns(run, ok: np.ndarray, usable: np.ndarray, pred_T: Predictions, pred_S: Predictions,
             Y: np.ndarray, ghost: Ghost, *, truth_exact: tuple | None = None,
-            klF_exact: np.ndarray | None = None, b3: dict | None = None):
+            klF_exact: np.ndarray | None = None, b3: dict | None = None, timer=None):
     """Function-space columns and bounds for one run.
 
     Args:
@@ -230,7 +249,7 @@ def columns(run, ok: np.ndarray, usable: np.ndarray, pred_T: Predictions, pred_S
                      "is chi-square" if not classification else "",
         sigma_bounded=1.0 if classification else None,
         c_lam=est.c_lam, ess_fraction=est.ess_fraction)
-    bcols, pooled, bnotes = ev.bound_columns(inp, prefix="F_")
+    bcols, pooled, bnotes = ev.bound_columns(inp, prefix="F_", timer=timer)
     cols.update(bcols)
     notes += bnotes
     notes.append(f"function-space: evaluation set = {n} training inputs + {m} ghost points; "

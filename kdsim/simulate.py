@@ -23,6 +23,7 @@ from .progress import enabled as progress_enabled
 from .result import Result, summarize
 from .tasks import linear_gaussian as lg
 from .tasks import mlp as mlp_task
+from .timing import StageTimer
 
 
 class DivergenceError(RuntimeError):
@@ -269,21 +270,25 @@ def simulate(config: SimConfig | Mapping[str, Any], teacher_model: Any = None,
     memory.check(res, params=_param_counts(models))   # the estimators' memory too, before any work
     run = _populations(cfg, res, models, progress)
     check_divergence(run)
+    timer = StageTimer()
     if run.resolved.static.task == "linear_gaussian":
-        per_dataset, pooled, notes = linear_columns(run)
+        per_dataset, pooled, notes = linear_columns(run, timer)
         datasets = {"X": run.data.X, "Y": run.data.Y, "W_star": run.data.W_star}
     else:
-        per_dataset, pooled, notes = mlp_columns(run)
+        per_dataset, pooled, notes = mlp_columns(run, timer)
         datasets = {"X": run.data.X.astype(np.float64), "Y": run.data.Y,
                     "planted_A": run.data.A, "planted_B": run.data.B}
-    summary = summarize(per_dataset, seed=run.config.seed)
-    model_notes = [] if models is None else [m.describe_scales() for m in models]
-    notes = list(run.resolved.warnings) + model_notes + notes + summary_notes(per_dataset)
+    with timer("tables"):
+        summary = summarize(per_dataset, seed=run.config.seed)
+        model_notes = [] if models is None else [m.describe_scales() for m in models]
+        notes = list(run.resolved.warnings) + model_notes + notes + summary_notes(per_dataset)
     st = run.resolved.static
     meta = {
         "engine_seconds": run.seconds,
         "phase_seconds": dict(run.populations.seconds),
         "total_seconds": time.perf_counter() - t0,
+        # seconds per stage: engine, closed_forms, estimators, bounds, tables
+        "timings": {"engine": run.seconds, **timer.seconds},
         "particle_steps": st.num_datasets * st.num_particles * (st.teacher_steps + st.student_steps),
         "resolved": {"static": st._asdict(), "numeric": _numeric_dict(run.resolved),
                      "bound_divergence": run.resolved.bound_divergence,

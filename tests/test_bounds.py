@@ -2,6 +2,7 @@
 
 import math
 
+import jax
 import numpy as np
 import pytest
 
@@ -12,66 +13,83 @@ from kdsim.estimators import cgf
 BOUNDS = ["B0_upper", "B0_lower", "B1_upper", "B2_lower", "B3_upper"]
 
 
-def _random_cgf(rng):
+def _random_cgfs(rng, n):
     d = 5
-    kappa = rng.normal(size=d) * 0.3
-    return cgf.exact(kappa, rng.uniform(0.01, 0.3, d), k=2)
+    kappa = rng.normal(size=(n, d)) * 0.3
+    return cgf.exact(kappa, rng.uniform(0.01, 0.3, (n, d)), k=2)
+
+
+dv = jax.jit(jax.vmap(bounds.dv_excess, in_axes=(0, 0, None)), static_argnums=2)
 
 
 def test_dv_minimum_matches_brute_force_and_guards_zero_kl():
     rng = np.random.default_rng(0)
-    for _ in range(10):
-        c = _random_cgf(rng)
-        kl = float(rng.uniform(0.01, 3))
+    cs = _random_cgfs(rng, 10)
+    kl = rng.uniform(0.01, 3, 10)
+    brute_lam = np.geomspace(1e-7, 1.0, 50_000)
+    with jax.enable_x64(True):
         for sign in (+1, -1):
-            val, lam = bounds.dv_excess(kl, c, sign)
-            sup = c.lam_sup if sign > 0 else c.eta_sup
-            hi = sup * (1 - 1e-12) if np.isfinite(sup) else 1e4
-            brute = np.geomspace(1e-7, hi, 50_000)
-            best = np.min((kl + c.fn(sign * brute)) / brute)
-            # the refined optimum may undercut the grid, never by more than its resolution
-            assert abs(val - best) <= 1e-5 * abs(best) + 1e-12
-        assert bounds.dv_excess(0.0, c)[0] == 0.0
-        assert bounds.dv_excess(1e-14, c)[0] < 1e-5    # continuous at KL -> 0
-        assert bounds.dv_excess(math.inf, c)[0] == math.inf
+            val, lam = dv(kl, cs, sign)
+            for e in range(10):
+                c = jax.tree_util.tree_map(lambda a: a[e], cs)
+                sup = float(c.lam_sup if sign > 0 else c.eta_sup)
+                hi = sup * (1 - 1e-12) if np.isfinite(sup) else 1e4
+                brute = brute_lam * hi
+                best = np.min((kl[e] + np.asarray(c.fn(sign * brute))) / brute)
+                # the refined optimum may undercut the grid, never by more than its resolution
+                assert abs(val[e] - best) <= 1e-5 * abs(best) + 1e-12
+        edge = np.array([0.0, 1e-14, math.inf] + [1.0] * 7)
+        val, _ = dv(edge, cs, +1)
+        assert val[0] == 0.0
+        assert val[1] < 1e-5            # continuous at KL -> 0
+        assert val[2] == math.inf
 
 
 def test_subgaussian_regimes():
-    assert bounds.subgaussian_excess(2.0, 0.25, math.inf)[0] == pytest.approx(math.sqrt(2 * 0.25 * 2.0))
-    # sqrt(2 KL)/sigma = 4 > lam_max = 1: linear regime KL/lam_max + lam_max sigma^2/2
-    val, lam = bounds.subgaussian_excess(2.0, 0.25, 1.0)
-    assert lam == 1.0 and val == pytest.approx(2.0 + 0.125)
-    assert bounds.subgaussian_excess(0.0, 0.25, 1.0)[0] == 0.0
+    with jax.enable_x64(True):
+        assert bounds.subgaussian_excess(2.0, 0.25, math.inf)[0] == pytest.approx(math.sqrt(2 * 0.25 * 2.0))
+        # sqrt(2 KL)/sigma = 4 > lam_max = 1: linear regime KL/lam_max + lam_max sigma^2/2
+        val, lam = bounds.subgaussian_excess(2.0, 0.25, 1.0)
+        assert lam == 1.0 and val == pytest.approx(2.0 + 0.125)
+        assert bounds.subgaussian_excess(0.0, 0.25, 1.0)[0] == 0.0
 
 
 def test_tightness_radius_is_exactly_where_b3_beats_b1():
     rng = np.random.default_rng(1)
-    for _ in range(500):
-        G, S, sig_ref = rng.uniform(0, 2), rng.uniform(0.01, 3), rng.uniform(0.01, 2)
-        rho0 = bounds.tightness_radius(G, S, sig_ref)
-        assert bounds.sharpness_sigma(G, S, rho0) == pytest.approx(sig_ref, rel=1e-9)
-        rho = rho0 * rng.uniform(0.2, 1.8)
-        kl = rng.uniform(0.01, 2)
-        b3 = bounds.subgaussian_excess(kl, bounds.sharpness_sigma(G, S, rho) ** 2, math.inf)[0]
-        b1 = bounds.subgaussian_excess(kl, sig_ref**2, math.inf)[0]
-        assert (b3 < b1) == (rho < rho0)
-    # a flatter teacher (smaller S) widens the radius
-    assert bounds.tightness_radius(0.5, 0.1, 1.0) > bounds.tightness_radius(0.5, 1.0, 1.0)
+    G, S, sig_ref = rng.uniform(0, 2, 500), rng.uniform(0.01, 3, 500), rng.uniform(0.01, 2, 500)
+    with jax.enable_x64(True):
+        rho0 = np.asarray(bounds.tightness_radius(G, S, sig_ref))
+        np.testing.assert_allclose(bounds.sharpness_sigma(G, S, rho0), sig_ref, rtol=1e-9)
+        rho = rho0 * rng.uniform(0.2, 1.8, 500)
+        kl = rng.uniform(0.01, 2, 500)
+        b3 = np.asarray(bounds.subgaussian_excess(kl, bounds.sharpness_sigma(G, S, rho) ** 2, math.inf)[0])
+        b1 = np.asarray(bounds.subgaussian_excess(kl, sig_ref**2, math.inf)[0])
+        assert np.array_equal(b3 < b1, rho < rho0)
+        # a flatter teacher (smaller S) widens the radius
+        assert bounds.tightness_radius(0.5, 0.1, 1.0) > bounds.tightness_radius(0.5, 1.0, 1.0)
+
+
+@jax.jit
+@jax.vmap
+def _b0_b1_b2(kl, c):
+    lam_max = bounds.b1_lam_max(c, 0.5)
+    s2 = bounds.subgaussian_sigma2(c, lam_max)
+    b1, lam1 = bounds.subgaussian_excess(kl, s2, lam_max)
+    b2 = bounds.central_excess(kl, c)
+    b0u = bounds.dv_excess(kl, c, +1, lam1)[0]
+    etas, mask = c.grid(-1)
+    b0l = bounds.dv_excess(kl, c, -1, etas, mask)[0]
+    return b0u, b1, b0l, b2.excess, bounds.subgaussian_holds(c, s2, lam_max)
 
 
 def test_b0_is_never_looser_than_b1_b2_on_random_cgfs():
     rng = np.random.default_rng(2)
-    for _ in range(50):
-        c = _random_cgf(rng)
-        kl = float(rng.uniform(0.001, 5))
-        lam_max = 0.5 / c.kappa_max if c.kappa_max > 0 else math.inf
-        s2 = bounds.subgaussian_sigma2(c, lam_max)
-        b1, lam1 = bounds.subgaussian_excess(kl, s2, lam_max)
-        b2 = bounds.central_excess(kl, c)
-        b0u = bounds.dv_excess(kl, c, +1, candidates=(lam1,))[0]
-        b0l = bounds.dv_excess(kl, c, -1, candidates=c.grid(-1))[0]
-        assert b0u <= b1 * (1 + 1e-12) and b0l <= b2.excess * (1 + 1e-12)
-        assert bounds.subgaussian_holds(c, s2, lam_max)
+    cs = _random_cgfs(rng, 50)
+    kl = rng.uniform(0.001, 5, 50)
+    with jax.enable_x64(True):
+        b0u, b1, b0l, b2, held = (np.asarray(a) for a in _b0_b1_b2(kl, cs))
+    assert np.all(b0u <= b1 * (1 + 1e-12)) and np.all(b0l <= b2 * (1 + 1e-12))
+    assert held.all()
 
 
 UNTUNED = {
@@ -132,7 +150,9 @@ def test_b0_never_looser_than_b3_under_the_spec_condition():
         c = cgf.exact(kappa[e], A[e], k)
         sig = df["gap_gradient"][e] * df["rho"][e] + 0.5 * df["gap_curvature"][e] * df["rho"][e] ** 2
         lam_star = math.sqrt(2 * df["kl_exact"][e]) / sig
-        if lam_star < c.lam_sup and c.fn(lam_star) <= 0.5 * lam_star**2 * sig**2:
+        with jax.enable_x64(True):
+            inside = lam_star < c.lam_sup and c.fn(lam_star) <= 0.5 * lam_star**2 * sig**2
+        if inside:
             n_checked += 1
             assert df["B0_upper"][e] <= df["B3_upper"][e] + 1e-12
     assert n_checked > 0

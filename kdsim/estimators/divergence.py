@@ -52,13 +52,31 @@ def _gaussian_kl_finite(m0, S0, m1, S1, p: int) -> float:
     return float(0.5 * (np.sum(A * A) - p + diff @ diff + logdet))
 
 
-def _moments(x: np.ndarray, mask: np.ndarray, diag: bool):
-    w = x[mask]
-    m = w.mean(axis=0)
-    c = w - m
+def _moments(x: np.ndarray, masks: np.ndarray, diag: bool):
+    """Mean and covariance (ddof 1) of the rows of ``x`` ``(P, p)`` kept by each mask
+    ``(G + 1, P)``, all masks at once: ``(G + 1, p)`` and ``(G + 1, p[, p])``."""
+    counts = masks.sum(axis=1).astype(np.float64)
+    m = (masks @ x) / counts[:, None]
+    c = (x[None] - m[:, None]) * masks[..., None]                  # dropped rows -> 0
     if diag:
-        return m, (c * c).sum(axis=0) / (len(w) - 1)
-    return m, c.T @ c / (len(w) - 1)
+        return m, np.einsum("gpi,gpi->gi", c, c) / (counts - 1)[:, None]
+    return m, np.einsum("gpi,gpj->gij", c, c) / (counts - 1)[:, None, None]
+
+
+def _gaussian_kls(m0, S0, m1, S1) -> np.ndarray:
+    """KL(N(m0, S0) || N(m1, S1)) for a batch ``(G,)`` (+inf where S0 is singular)."""
+    ev0 = np.linalg.eigvalsh(S0)
+    singular = ev0[:, 0] <= 1e-12 * np.maximum(ev0[:, -1], 1e-300)
+    if singular.any():
+        return np.array([np.inf if s else _gaussian_kl(a, b, c, d)
+                         for s, a, b, c, d in zip(singular, m0, S0, m1, S1)])
+    p = m0.shape[-1]
+    L1, L0 = np.linalg.cholesky(S1), np.linalg.cholesky(S0)
+    A = np.linalg.solve(L1, L0)
+    diff = np.linalg.solve(L1, (m1 - m0)[..., None])[..., 0]
+    diag = lambda L: np.log(np.diagonal(L, axis1=-2, axis2=-1)).sum(-1)
+    logdet = 2 * (diag(L1) - diag(L0))
+    return 0.5 * (np.sum(A * A, axis=(-1, -2)) - p + np.sum(diff * diff, -1) + logdet)
 
 
 def gaussian_full(student: np.ndarray, teacher: np.ndarray, num_groups: int = 32) -> Estimate:
@@ -72,12 +90,9 @@ def gaussian_full(student: np.ndarray, teacher: np.ndarray, num_groups: int = 32
         raise NotApplicable(f"needs num_particles >= {GAUSSIAN_FULL_MIN_RATIO} x parameter "
                             f"dimension = {GAUSSIAN_FULL_MIN_RATIO * p}, got {P}")
     masks = jackknife_masks(P, num_groups)
-    theta = []
-    for mask in masks:
-        mS, SS = _moments(student, mask, diag=False)
-        mT, ST = _moments(teacher, mask, diag=False)
-        theta.append(_gaussian_kl(mS, SS, mT, ST))
-    theta = np.asarray(theta)
+    mS, SS = _moments(student, masks, diag=False)
+    mT, ST = _moments(teacher, masks, diag=False)
+    theta = _gaussian_kls(mS, SS, mT, ST)
     if np.isinf(theta[0]):
         return Estimate(float("inf"), float("nan"))
     est, se = jackknife_combine(theta)
@@ -88,15 +103,12 @@ def gaussian_diag(student: np.ndarray, teacher: np.ndarray, num_groups: int = 32
     """KL between moment-matched diagonal Gaussians (independent coordinates), jackknifed."""
     P, p = student.shape
     masks = jackknife_masks(P, num_groups)
-    theta = []
-    for mask in masks:
-        mS, vS = _moments(student, mask, diag=True)
-        mT, vT = _moments(teacher, mask, diag=True)
-        if np.any(vS <= 0):
-            theta.append(np.inf)
-            continue
-        theta.append(0.5 * np.sum(vS / vT - 1.0 + (mS - mT) ** 2 / vT + np.log(vT / vS)))
-    theta = np.asarray(theta)
+    mS, vS = _moments(student, masks, diag=True)
+    mT, vT = _moments(teacher, masks, diag=True)
+    degenerate = np.any(vS <= 0, axis=1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        theta = 0.5 * np.sum(vS / vT - 1.0 + (mS - mT) ** 2 / vT + np.log(vT / vS), axis=1)
+    theta = np.where(degenerate, np.inf, theta)
     if np.isinf(theta[0]):
         return Estimate(float("inf"), float("nan"))
     est, se = jackknife_combine(theta)
