@@ -139,8 +139,15 @@ def empirical(g: np.ndarray, ess_fraction: float) -> CGF:
         return effective_sample_size(g, lam)
 
     def se(lam):
-        # delta method: Var(log mean e^x) ~ (mean e^2x / (mean e^x)^2 - 1) / n = 1/ESS - 1/n
-        return np.sqrt(np.clip(1.0 / ess(lam) - 1.0 / n, 0, None))
+        # delta method for log mean e^{lam (g - gbar)}: the influence of sample i is
+        # w_i / mean w - 1 - lam (g_i - gbar) with w = e^{lam (g - gbar)}; the last term is
+        # the centring at the sample mean, which cancels the O(lam) part (without it the
+        # error is sqrt(1/ESS - 1/n) ~ lam sd(g) / sqrt(n), inflated at small lam)
+        lam = np.asarray(lam, np.float64)[..., None]
+        x = lam * c
+        w = np.exp(x - x.max(axis=-1, keepdims=True))
+        psi = w / w.mean(axis=-1, keepdims=True) - x
+        return psi.std(axis=-1, ddof=1) / np.sqrt(n)
 
     base = np.geomspace(*GRID_SPAN, GRID_SIZE) / np.sqrt(max(var, 1e-300))
     ok_up = base[ess(base) >= ess_fraction * n]
