@@ -99,6 +99,16 @@ def test_round_trip_keeps_infinities(tmp_path):
 
 
 def test_corrupted_or_foreign_results_are_refused(small_result, tmp_path):
+    # a well-formed npz with one value changed: only the checksum can tell
+    small_result.save(tmp_path / "t")
+    npz = tmp_path / "t" / NPZ_NAME
+    with np.load(npz) as f:
+        arrays = {k: f[k].copy() for k in f.files}
+    name = next(k for k, v in arrays.items() if v.dtype == np.float64 and v.size)
+    arrays[name].flat[0] += 1.0
+    np.savez(npz, **arrays)
+    with pytest.raises(ResultFileError, match="checksum"):
+        kdsim.load_result(tmp_path / "t")
     small_result.save(tmp_path / "r")
     npz = tmp_path / "r" / NPZ_NAME
     blob = npz.read_bytes()
