@@ -168,7 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     from .simulate import DivergenceError
     from .sweep import SweepError
     parser = _parser()
-    args = parser.parse_args(argv)
+    # the benchmark's own options (--quick, --sizes ...) go through to its script: an
+    # argparse REMAINDER does not take options that come first, so collect them here
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "bench":
+        args.args = extra + list(args.args or [])
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command is None:
         parser.print_help()
         return 2

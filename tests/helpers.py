@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import numpy as np
 from scipy import stats as sps
@@ -138,3 +140,101 @@ def assert_never_flagged(run, margin: float = 1e-4) -> None:
         R = sum((x.reshape(E, P, -1) ** 2).sum(-1) for x in leaves) / p.prior_scale**2
         limit = 1e8 * D * max(1.0, (p.init_scale / p.prior_scale) ** 2, p.gamma * p.prior_scale**2)
         assert R.max() < margin * limit, (R.max(), limit)
+
+
+class LinearLaws(NamedTuple):
+    """Finite-time laws of the linear task, per dataset (leading axis E), in parameter space."""
+
+    M_T: np.ndarray       # (E, k, d)
+    Sigma_T: np.ndarray   # (E, d, d) row covariance
+    M_S: np.ndarray       # (E, k, d)
+    Sigma_S: np.ndarray   # (E, d, d)
+    C: np.ndarray         # (E, d, d) Cov(student row, teacher row)
+
+
+def linear_laws_np(cfg: SimConfig, data: lg.LinearData | None = None, **numeric_over) -> LinearLaws:
+    """The laws of SPEC §3 by iterating ``z <- F z + f + N(0, Q)`` literally, all datasets
+    and rows at once (independent of kdsim.closed_form); ``numeric_over`` replaces fields of
+    the resolved numbers (e.g. ``alpha=1.0, teacher_noise=0.0`` for the scratch student)."""
+    res = resolve(cfg)
+    st, nm = res.static, res.numeric._replace(**numeric_over)
+    data = data_for(cfg) if data is None else data
+    X, Y, Pi = data.X, data.Y, data.Pi
+    E, n, d = X.shape
+    r = Pi.shape[-1]
+    Cxx = np.einsum("eni,enj->eij", X, X) / n
+    Cyx = np.einsum("enk,end->ekd", Y, X) / n
+    pt, ps, a, nu_T = nm.teacher, nm.student, nm.alpha, nm.teacher_noise
+    D = d + 2 * r
+    sw, su, sv = slice(0, d), slice(d, d + r), slice(d + r, D)
+    eye = lambda m: np.broadcast_to(np.eye(m), (E, m, m))
+    PCP = np.einsum("edr,edf,efs->ers", Pi, Cxx, Pi)
+    mu = np.zeros((E, Y.shape[-1], D))
+    S = np.zeros((E, D, D))
+    S[:, sw, sw] = pt.init_scale**2 * eye(d)
+    S[:, su, su] = ps.gamma**2 / n * PCP
+    S[:, sv, sv] = ps.init_scale**2 * eye(r)
+    F = np.broadcast_to(np.eye(D), (E, D, D)).copy()
+    F[:, sw, sw] = eye(d) - pt.step_size * (pt.gamma * Cxx + eye(d) / pt.prior_scale**2)
+    f = np.zeros_like(mu)
+    f[..., sw] = pt.step_size * pt.gamma * Cyx
+    Q = np.zeros((D, D))
+    Q[sw, sw] = 2 * pt.step_size * np.eye(d)
+    for _ in range(st.teacher_steps):
+        mu = np.einsum("eij,ekj->eki", F, mu) + f
+        S = F @ S @ np.swapaxes(F, 1, 2) + Q
+    h = ps.step_size
+    F = np.broadcast_to(np.eye(D), (E, D, D)).copy()
+    F[:, sv, sv] = eye(r) - h * (ps.gamma * PCP + eye(r) / ps.prior_scale**2)
+    F[:, sv, sw] = h * (1 - a) * ps.gamma * np.einsum("edr,edf->erf", Pi, Cxx)
+    F[:, sv, su] = h * (1 - a) * nu_T * eye(r)
+    f = np.zeros_like(mu)
+    f[..., sv] = h * a * ps.gamma * np.einsum("edr,ekd->ekr", Pi, Cyx)
+    Q = np.zeros((D, D))
+    Q[sv, sv] = 2 * h * np.eye(r)
+    for _ in range(st.student_steps):
+        mu = np.einsum("eij,ekj->eki", F, mu) + f
+        S = F @ S @ np.swapaxes(F, 1, 2) + Q
+    PiT = np.swapaxes(Pi, 1, 2)
+    return LinearLaws(mu[..., sw], S[:, sw, sw], mu[..., sv] @ PiT, Pi @ S[:, sv, sv] @ PiT,
+                      Pi @ S[:, sv, sw])
+
+
+def expected_risks_np(M, Sigma, data: lg.LinearData):
+    """``(E L_mu, E Lhat_D)`` for rows ~ N(M, Sigma), per dataset (SPEC §3)."""
+    X, Y = data.X, data.Y
+    n, k = X.shape[1], Y.shape[-1]
+    Sx = np.diag(data.sx)
+    B = M - data.W_star
+    pop = 0.5 * (np.einsum("ekd,df,ekf->e", B, Sx, B) + k * np.einsum("edf,fd->e", Sigma, Sx)
+                 + k * data.noise**2)
+    R = np.einsum("ekd,end->enk", M, X) - Y
+    Cxx = np.einsum("eni,enj->eij", X, X) / n
+    train = 0.5 * (np.sum(R**2, axis=(1, 2)) / n + k * np.einsum("eij,eji->e", Sigma, Cxx))
+    return pop, train
+
+
+def linear_truths_np(cfg: SimConfig) -> dict[str, np.ndarray]:
+    """Every closed-form truth a linear run reports, computed here: ``(E,)`` arrays."""
+    data = data_for(cfg)
+    laws = linear_laws_np(cfg, data)
+    scratch = linear_laws_np(cfg, data, alpha=1.0, teacher_noise=0.0)
+    out = {}
+    for name, M, Sig in (("T", laws.M_T, laws.Sigma_T), ("S", laws.M_S, laws.Sigma_S),
+                         ("S_scratch", scratch.M_S, scratch.Sigma_S)):
+        pop, train = expected_risks_np(M, Sig, data)
+        out[f"gen_{name}"], out[f"test_loss_{name}"] = pop - train, pop
+    E = data.X.shape[0]
+    out["kl"] = np.array([sum(gaussian_kl(laws.M_S[e, j], laws.Sigma_S[e], laws.M_T[e, j],
+                                          laws.Sigma_T[e]) for j in range(laws.M_S.shape[1]))
+                          for e in range(E)]) if resolve(cfg).static.full_student else np.full(E, np.inf)
+    return out
+
+
+def z_spread_ok(z, familywise: float = 1e-3) -> tuple[bool, float, float]:
+    """Are standard errors NOT inflated? ``sum z^2`` over m cells is ~ chi2(m) when the
+    standard errors are right; inflating them by a factor c shrinks it by c^2. Returns
+    ``(sum z^2 >= the chi2(m) quantile at familywise, the statistic, the limit)``."""
+    z = np.asarray(z, np.float64).ravel()
+    stat, limit = float(np.sum(z**2)), float(sps.chi2.ppf(familywise, z.size))
+    return stat >= limit, stat, limit

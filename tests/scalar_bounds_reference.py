@@ -127,8 +127,14 @@ def empirical(g: np.ndarray, ess_fraction: float) -> CGF:
         return effective_sample_size(g, lam)
 
     def se(lam):
-        # delta method: Var(log mean e^x) ~ (mean e^2x / (mean e^x)^2 - 1) / n = 1/ESS - 1/n
-        return np.sqrt(np.clip(1.0 / ess(lam) - 1.0 / n, 0, None))
+        # delta method for log mean e^{lam (g - gbar)}, centred at the sample mean: the
+        # influence of particle i is w_i / mean w - 1 - lam (g_i - gbar) (issue 20's fix of
+        # the shipped sqrt(1/ESS - 1/n), which was inflated at small lam)
+        lam = np.asarray(lam, np.float64)[..., None]
+        x = lam * c
+        w = np.exp(x - x.max(axis=-1, keepdims=True))
+        psi = w / w.mean(axis=-1, keepdims=True) - x
+        return psi.std(axis=-1, ddof=1) / np.sqrt(n)
 
     base = np.geomspace(*GRID_SPAN, GRID_SIZE) / np.sqrt(max(var, 1e-300))
     ok_up = base[ess(base) >= ess_fraction * n]

@@ -10,7 +10,7 @@ from kdsim.estimators import cgf
 from kdsim.stats import bonferroni_z
 from kdsim.tasks import linear_gaussian as lg
 
-from helpers import config
+from helpers import config, linear_laws_np, z_spread_ok
 
 
 @pytest.fixture(scope="module")
@@ -25,23 +25,30 @@ def population():
 
 
 def test_exact_cgf_matches_brute_force_sampling(population):
-    """Independent check: 3 x 10^5 draws from the exact teacher law, log-mean-exp by hand."""
+    """Independent check: 3 x 10^5 draws from the teacher law of tests/helpers.py, the gap
+    of SPEC §1 and a log-mean-exp with its delta-method error, all written here."""
     run, ctx, kappa, A = population
     rng = np.random.default_rng(0)
     e, k = 0, run.config.task.k
-    laws = ctx.finite_time
+    laws = linear_laws_np(run.config, run.data)
     L = np.linalg.cholesky(laws.Sigma_T[e])
-    z = rng.normal(size=(300_000, k, L.shape[0]))
-    W = laws.M_T[e][None] + z @ L.T
-    data = run.data._replace(Cxx=run.data.Cxx[e:e + 1], Cyx=run.data.Cyx[e:e + 1],
-                             Cyy=run.data.Cyy[e:e + 1])
-    g = lg.gap_np(W[None], data)[0]
+    W = laws.M_T[e][None] + rng.normal(size=(300_000, k, L.shape[0])) @ L.T
+    X, Y, W_star, sx, nu = run.data.X[e], run.data.Y[e], run.data.W_star, run.data.sx, run.data.noise
+    B = W - W_star
+    pop = 0.5 * (np.einsum("pkd,d,pkd->p", B, sx, B) + k * nu**2)
+    train = 0.5 * np.mean(np.sum((np.einsum("pkd,nd->pnk", W, X) - Y) ** 2, -1), -1)
+    g = pop - train
     exact = cgf.exact(kappa[e], A[e], k)
     with jax.enable_x64(True):
         assert exact.variance == pytest.approx(np.var(g), rel=0.02)
         lams = np.array([-0.5, 0.5, 1.0, 2.0]) / float(exact.scale)
-        emp = cgf.empirical(g, np.ones(g.size, bool), 0.1)
-        zs = np.asarray((emp.fn(lams) - exact.fn(lams)) / emp.se(lams))
+        exact_fn = np.asarray(exact.fn(lams))
+    x = lams[:, None] * (g - g.mean())                           # (4, draws)
+    w = np.exp(x)
+    brute = np.log(w.mean(1))
+    # delta method for the log of a mean, centred at the sample mean: influence w/w̄ - 1 - x
+    se = (w / w.mean(1, keepdims=True) - x).std(1, ddof=1) / np.sqrt(g.size)
+    zs = (brute - exact_fn) / se
     assert np.max(np.abs(zs)) < bonferroni_z(len(lams)), zs
 
 
@@ -61,19 +68,24 @@ def test_empirical_cgf_agrees_with_exact_inside_its_ess_range(population):
     zs = np.asarray(zs)
     assert np.all(np.isfinite(zs))
     assert np.max(np.abs(zs)) < bonferroni_z(zs.size), zs
+    ok, stat, limit = z_spread_ok(zs)          # the delta-method errors are not inflated
+    assert ok, (stat, limit)
 
 
 def test_ess_rule_sets_lam_max():
+    """SPEC §5: lam_max is the largest lam of the 64-point grid geometric in
+    [1e-3, 1e2] / sd(g) whose weights exp(lam g) keep an ESS (sum w)^2 / sum w^2 >= 10% of P."""
     g = np.random.default_rng(1).normal(size=2000)
     grid = np.geomspace(1e-3, 1e2, 64) / np.std(g, ddof=1)
-    # the ESS by hand: (sum w)^2 / sum w^2 with w = exp(lam (g - mean g))
-    x = grid[:, None] * (g - g.mean())
-    w = np.exp(x - x.max(axis=1, keepdims=True))
-    ess = w.sum(1) ** 2 / (w**2).sum(1)
+    ess_by_hand = lambda x: (lambda w: w.sum(1) ** 2 / (w**2).sum(1))(np.exp(x - x.max(1, keepdims=True)))
+    ess = ess_by_hand(grid[:, None] * (g - g.mean()))
+    assert 0 < (ess >= 200).sum() < 64                       # the rule cuts inside the grid
+    ess_lower = ess_by_hand(-grid[:, None] * (g - g.mean()))
     with jax.enable_x64(True):
         emp = cgf.empirical(g, np.ones(g.size, bool), 0.1)
         np.testing.assert_allclose(cgf.effective_sample_size(g, grid), ess, rtol=1e-10)
-        assert float(emp.lam_sup) == pytest.approx(grid[ess >= 200].max(), rel=1e-14)
+        assert float(emp.lam_sup) == pytest.approx(grid[ess >= 200].max(), rel=1e-12)
+        assert float(emp.eta_sup) == pytest.approx(grid[ess_lower >= 200].max(), rel=1e-12)
         assert float(cgf.effective_sample_size(g, np.array([0.0]))[0]) == pytest.approx(2000)
 
 

@@ -5,7 +5,6 @@ import pytest
 
 import kdsim
 
-ray = pytest.importorskip("ray", reason='the Ray extra is installed by scripts/test.sh: pip install "kdsim[ray]"')
 
 BASE = {"task": {"d": 3, "k": 2, "n": 16}, "teacher": {"num_steps": 40},
         "num_datasets": 2, "num_particles": 32}
@@ -14,6 +13,9 @@ GRID = {"student.alpha": [0.0, 0.5, 1.0]}
 
 @pytest.fixture(scope="module")
 def local_ray():
+    # only the Ray tests need Ray; the two-process JAX test below runs without it
+    ray = pytest.importorskip("ray", reason='the Ray extra is installed by scripts/test.sh: '
+                              'pip install "kdsim[ray]"')
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {"CI": "1", "JAX_PLATFORMS": "cpu"}})
     yield

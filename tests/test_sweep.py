@@ -106,11 +106,13 @@ def test_sigkill_then_rerun_gives_the_uninterrupted_table(tmp_path):
         if len(done) >= 2 or proc.poll() is not None:
             break
         time.sleep(0.05)
+    assert proc.poll() is None, "the sweep finished before the kill: nothing was interrupted"
     proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert proc.wait() == -signal.SIGKILL                 # it died of the kill, not on its own
     finished = {p.name: (p / io.JSON_NAME).stat().st_mtime_ns for p in points.iterdir()
                 if (p / io.JSON_NAME).exists()}
     assert 1 <= len(finished) < 5
+    assert kdsim.load_sweep(out).attrs["missing"]         # the store really is incomplete
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     for name, mtime in finished.items():                   # finished points were not redone
@@ -128,13 +130,15 @@ def test_repeated_sigkill_at_random_moments_resumes_to_the_same_table(tmp_path):
     cmd = [sys.executable, "-m", "kdsim", "sweep", str(path), "--out", str(out), "--no-plot"]
     env = {**os.environ, "CI": "1"}
     rng = np.random.default_rng(20261130)
+    killed = 0
     for delay in rng.uniform(0.5, 9.0, size=3):
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
             proc.send_signal(signal.SIGKILL)
-            proc.wait()
+            killed += proc.wait() == -signal.SIGKILL
+    assert killed >= 1                                    # at least one run was interrupted
     rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     base, g = sweep_mod.load_sweep_file(path)

@@ -200,8 +200,24 @@ class EmpiricalCGF(NamedTuple):
         return jnp.exp(2 * self._lse(lam) - self._lse(lam, 2))
 
     def se(self, lam):
-        """Monte Carlo se of ``fn``: delta method, ``Var ~ 1/ESS - 1/n``."""
-        return jnp.sqrt(jnp.clip(1.0 / self.ess(lam) - 1.0 / self.n, 0, None))
+        """Monte Carlo se of ``fn`` by the delta method.
+
+        The influence of particle i on ``log mean e^{lam (g - gbar)}`` is
+        ``psi_i = w_i / mean w - 1 - lam (g_i - gbar)`` with ``w = e^{lam (g - gbar)}``;
+        the last term is the centring at the sample mean, which cancels the O(lam) part
+        (without it the error is ``sqrt(1/ESS - 1/n) ~ lam sd(g) / sqrt(n)``, inflated
+        about 5x at small lam). se = sd(psi) / sqrt(n) over the counted particles.
+        """
+        lam = jnp.asarray(lam)
+        x = lam[..., None] * _lift(self.c, lam)
+        mask = jnp.broadcast_to(_lift(self.w, lam), x.shape)
+        xm = jnp.where(mask, x, -jnp.inf)
+        e = jnp.where(mask, jnp.exp(xm - jnp.max(xm, axis=-1, keepdims=True)), 0.0)
+        n = self.n
+        psi = jnp.where(mask, e / (jnp.sum(e, -1, keepdims=True) / n) - x, 0.0)
+        mean = jnp.sum(psi, -1, keepdims=True) / n
+        var = jnp.sum(jnp.where(mask, (psi - mean) ** 2, 0.0), -1) / jnp.maximum(n - 1, 1)
+        return jnp.sqrt(var / n)
 
     def grid(self, sign: int = 1) -> tuple[jax.Array, jax.Array]:
         """SPEC §5 grid ``(64,)`` and the mask of its points within the ESS range."""
