@@ -157,6 +157,8 @@ def validate(X: Any, Y: Any, *, classification: bool, source: str = "arrays",
     if Y.ndim == 0 or len(Y) != len(X):
         raise DataError(f"data: X and Y must have the same length (one label per point), got "
                         f"{len(X)} inputs and {'a scalar' if Y.ndim == 0 else len(Y)} labels")
+    if len(X) < 2:
+        raise DataError(f"data: a pool needs at least 2 points, got {len(X)}")
     if not np.all(np.isfinite(X)):
         raise DataError(f"data: X holds {int(np.sum(~np.isfinite(X)))} NaN or infinite values")
     if classification:
@@ -193,8 +195,9 @@ def validate(X: Any, Y: Any, *, classification: bool, source: str = "arrays",
             raise DataError(f"data: Y holds {int(np.sum(~np.isfinite(Y)))} NaN or infinite values")
         Y = Y.astype(np.float32)
         K = 0
-    if len(X) < 2:
-        raise DataError(f"data: a pool needs at least 2 points, got {len(X)}")
+    if len(X) < 2:      # after a class selection
+        raise DataError(f"data: a pool needs at least 2 points, got {len(X)} (task.classes "
+                        f"{list(classes) if classes is not None else None})")
     X = np.ascontiguousarray(X, np.float32)
     Y = np.ascontiguousarray(Y)
     return Pool(X, Y, classification, K, source, digest(X, Y))
