@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import kdsim
+import kdsim.models
 from kdsim import streams
 from kdsim.config import ConfigError, parse_toml
 from kdsim.evaluation_mlp import particle_metrics
@@ -93,39 +94,48 @@ def _numpy_mlp(params, X: np.ndarray, depth: int) -> np.ndarray:
 
 @pytest.mark.parametrize("kind", ["classification", "regression"])
 def test_pool_risk_is_the_exact_pool_average(kind):
-    # N = 2500 spans three blocks of 1024 (the last one padded)
-    N, K = 2500, 4
+    # N = 2500 spans three blocks of 1024 (the last one padded); fixed random particles
+    # of the built-in MLP, E = 2 datasets x P = 3 particles
+    N, K, E, P, n = 2500, 4, 2, 3, 16
+    cls = kind == "classification"
     rng = np.random.default_rng(3)
     X = rng.normal(size=(N, 3, 2)).astype(np.float32)
-    Y = rng.integers(0, K, N) if kind == "classification" else rng.normal(size=(N, 2))
-    cfg = _cfg(kind=kind)
-    cfg["student"] = {"model": {"width": 4}}
-    run = kdsim.run_populations(cfg, progress=False, data=(X, Y))
-    pool = run.data.pool
-    params = jax.tree_util.tree_map(jnp.asarray, run.populations.teacher)
-    cls = kind == "classification"
-    got = particle_metrics(params, jnp.asarray(run.data.X), jnp.asarray(run.data.Y if cls else run.data.Y.astype(np.float32)),
-                           pool_task.blocks(pool, jnp.float32), None,
-                           apply=run.models[0].apply, classification=cls)
-    E, P = 2, 8
+    Y = rng.integers(0, K, N) if cls else rng.normal(size=(N, 2))
+    pool = sources.validate(X, Y, classification=cls)
+    data = pool_task.make_data(streams.root_key(0), np.arange(E), pool, n=n)
+    raw = kdsim.models.builtin(kdsim.ModelConfig(width=5), pool.out, pool.input_shape, "float32")
+    model = kdsim.models.prepare(raw, role="teacher_model", input_shape=pool.input_shape,
+                                 out=pool.out, dtype="float32")
+    leaves, tree = jax.tree_util.tree_flatten(raw.init(jax.random.key(1)))
+    keys = jax.random.split(jax.random.key(2), len(leaves))
+    params = jax.tree_util.tree_unflatten(
+        tree, [jax.random.normal(k, (E, P) + a.shape) for k, a in zip(keys, leaves)])
+    metrics = lambda block: particle_metrics(
+        params, jnp.asarray(data.X), jnp.asarray(data.Y), pool_task.blocks(pool, jnp.float32, block),
+        None, apply=model.apply, classification=cls)
+    got = metrics(pool_task.BLOCK)
+    Yp = pool.Y
     for e in range(E):
         for p in range(P):
-            w = jax.tree_util.tree_map(lambda a: np.asarray(a[e, p]), run.populations.teacher)
+            w = jax.tree_util.tree_map(lambda a: np.asarray(a[e, p]), params)
             f = _numpy_mlp(w, X, depth=1)                       # (N, out), all pool points at once
             if cls:
                 logz = np.log(np.sum(np.exp(f - f.max(1, keepdims=True)), 1)) + f.max(1)
-                ce = np.mean(logz - f[np.arange(N), Y])
-                err = np.mean(np.argmax(f, 1) != Y)
+                ce = np.mean(logz - f[np.arange(N), Yp])
+                err = np.mean(np.argmax(f, 1) != Yp)
                 np.testing.assert_allclose(got["test"][e, p], ce, rtol=2e-5)
                 np.testing.assert_allclose(got["test_01"][e, p], err, atol=1e-6)
+                assert 0.3 < err < 1.0         # a random particle: the check is not vacuous
             else:
-                sq = np.mean(0.5 * np.sum((Y - f) ** 2, 1))
+                sq = np.mean(0.5 * np.sum((Yp - f) ** 2, 1))
                 np.testing.assert_allclose(got["test"][e, p], sq, rtol=2e-5)
+            # the training risk is on the dataset's own points
+            f_tr = _numpy_mlp(w, data.X[e], depth=1)
+            tr = (np.mean(np.log(np.sum(np.exp(f_tr), 1)) - f_tr[np.arange(n), data.Y[e]]) if cls
+                  else np.mean(0.5 * np.sum((data.Y[e] - f_tr) ** 2, 1)))
+            np.testing.assert_allclose(got["train"][e, p], tr, rtol=2e-5)
     # the risk does not depend on the block size (one block = the plain mean)
-    one = particle_metrics(params, jnp.asarray(run.data.X), jnp.asarray(run.data.Y if cls else run.data.Y.astype(np.float32)),
-                           pool_task.blocks(pool, jnp.float32, block=N), None,
-                           apply=run.models[0].apply, classification=cls)
-    np.testing.assert_allclose(one["test"], got["test"], rtol=2e-5)
+    np.testing.assert_allclose(metrics(N)["test"], got["test"], rtol=2e-5)
 
 
 # ------------------------------------------------------------------ bad pools
