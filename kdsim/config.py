@@ -386,8 +386,9 @@ class SimConfig(_Validated):
                 f"= {est.knn_k + 2}, got {self.num_particles}")
         if is_classification(t) and s.teacher_noise != 0.0:
             raise ConfigError(
-                f"student.teacher_noise must be 0 for classification ({t.name}: soft labels "
-                f"are already distributions), got {s.teacher_noise!r}")
+                f"student.teacher_noise must be 0 for {t.name} "
+                f"{'(classification) ' if t.name == 'pool' else ''}(soft labels are already "
+                f"distributions), got {s.teacher_noise!r}")
         if t.name == "pool":
             if t.source != "arrays" and t.kind != "classification":
                 raise ConfigError(f"task.kind must be 'classification' for the built-in pool "

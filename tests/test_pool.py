@@ -228,9 +228,8 @@ def test_mnist1d_pool_leaves_global_random_state_alone():
 
 @pytest.fixture(scope="module")
 def digits_run():
-    cfg = {**TINY, "num_datasets": 3, "num_particles": 16,
-           "task": {"name": "pool", "source": "digits", "n": 64},
-           "teacher": {"num_steps": 40, "step_size": 2e-3, "model": {"kind": "cnn", "channels": 4}},
+    cfg = {**TINY, "task": {"name": "pool", "source": "digits", "n": 32},
+           "teacher": {"num_steps": 20, "step_size": 2e-3, "model": {"kind": "cnn", "channels": 2}},
            "student": {"alpha": 0.5, "model": {"kind": "mlp", "width": 8}}}
     return kdsim.simulate(cfg, progress=False)
 
@@ -244,7 +243,7 @@ def test_digits_cnn_to_mlp_gives_finite_gaps_and_bounds(digits_run):
         assert np.isfinite(df[col]).all(), col
     assert (df["test_loss_T_01"] > 0).all() and (df["test_loss_T_01"] < 1).all()
     X, Y, idx = res.datasets["X"], res.datasets["Y"], res.datasets["index"]
-    assert X.shape == (3, 64, 8, 8, 1) and Y.shape == (3, 64) and idx.shape == (3, 64)
+    assert X.shape == (2, 32, 8, 8, 1) and Y.shape == (2, 32) and idx.shape == (2, 32)
     pool = sources.load(res.config.task)
     np.testing.assert_array_equal(X, pool.X[idx])
     np.testing.assert_array_equal(Y, pool.Y[idx])
