@@ -14,6 +14,7 @@ EXAMPLES = textwrap.dedent("""\
       kdsim sweep configs/sweep_n.toml --out runs/sweep_n   # rerun to resume after a kill
       kdsim plot runs/rank                        # PNGs written inside the folder
       kdsim bench                                 # the quick throughput benchmark
+      kdsim config                                # every config field: meaning, default, range
 
     A config (TOML) names only the fields it changes; a sweep file has a [base] table
     (a config) and a [grid] table mapping dotted field names to lists, e.g.
@@ -52,7 +53,18 @@ def _parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="the quick throughput benchmark (see benchmarks/)")
     bench.add_argument("args", nargs=argparse.REMAINDER,
                        help="passed on to benchmarks/throughput.py (default: --quick)")
+    conf = sub.add_parser("config", help="print every config field with its meaning, default "
+                          "and allowed range", description="The configuration reference, generated "
+                          "from the fields themselves.")
+    conf.add_argument("--markdown", action="store_true",
+                      help="print it as the Markdown table of docs/config.md")
     return p
+
+
+def _cmd_config(args) -> int:
+    from .config import reference_markdown, reference_text
+    print(reference_markdown() if args.markdown else reference_text(), end="")
+    return 0
 
 
 def _print_table(df) -> None:
@@ -160,7 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    commands = {"run": _cmd_run, "sweep": _cmd_sweep, "plot": _cmd_plot, "bench": _cmd_bench}
+    commands = {"run": _cmd_run, "sweep": _cmd_sweep, "plot": _cmd_plot, "bench": _cmd_bench,
+                "config": _cmd_config}
     try:
         return commands[args.command](args)
     except (ConfigError, ResultFileError, SweepError, DivergenceError, OSError) as err:

@@ -29,6 +29,7 @@ import numpy as np
 
 from . import langevin
 from .config import LangevinNumeric, Numeric, Static
+from .stats import per_dataset
 from .tasks.linear_gaussian import LinearData
 
 
@@ -115,6 +116,26 @@ def chain_operators(A: np.ndarray, p: LangevinNumeric, T: int | None, schedule: 
     return R, _spectral(U, cov)
 
 
+def stability_limit(A: np.ndarray) -> np.ndarray:
+    """``2 / lambda_max(A)`` per dataset, ``(E,)``, for a batch of SPD matrices ``(E, d, d)``.
+
+    The chain ``w <- (I - h A) w + ...`` contracts along every eigen-direction exactly when
+    ``|1 - h lambda| < 1``, i.e. ``h < 2 / lambda_max``; at or beyond it the chain grows like
+    ``|1 - h lambda_max|^T``.
+    """
+    return 2.0 / np.linalg.eigvalsh(0.5 * (A + _t(A)))[..., -1]
+
+
+def precision_matrices(data: LinearData, numeric: Numeric) -> tuple[np.ndarray, np.ndarray]:
+    """``(A_T, A_S)``: ``gamma_T Cxx + I/s0_T^2`` ``(E, d, d)`` and
+    ``gamma_S Pi^T Cxx Pi + I/s0_S^2`` ``(E, r, r)``, the drifts' matrices."""
+    pt, ps = numeric.teacher, numeric.student
+    d, r = data.Cxx.shape[-1], data.Pi.shape[-1]
+    A_T = pt.gamma * data.Cxx + np.eye(d) / pt.prior_scale**2
+    A_S = ps.gamma * (_t(data.Pi) @ data.Cxx @ data.Pi) + np.eye(r) / ps.prior_scale**2
+    return A_T, A_S
+
+
 def _laws(data: LinearData, static: Static, numeric: Numeric, stationary: bool) -> GaussianLaws:
     pt, ps = numeric.teacher, numeric.student
     alpha, nu_T, n = numeric.alpha, numeric.teacher_noise, static.n
@@ -189,6 +210,13 @@ def kl_parameter(laws: GaussianLaws, full_student: bool) -> np.ndarray:
     E, k, d = laws.M_T.shape
     if not full_student:
         return np.full(E, np.inf)
+    # non-finite or singular covariances give NaN for their dataset, never an exception
+    return per_dataset(_kl_parameter, laws.M_T, laws.Sigma_T, laws.M_S, laws.Sigma_S)
+
+
+def _kl_parameter(M_T, Sigma_T, M_S, Sigma_S):
+    laws = GaussianLaws(M_T, Sigma_T, M_S, Sigma_S, *([None] * 4))
+    k, d = M_T.shape[-2:]
     tr = np.trace(np.linalg.solve(laws.Sigma_T, laws.Sigma_S), axis1=-2, axis2=-1)
     logdet = _logdet(laws.Sigma_S) - _logdet(laws.Sigma_T)
     delta = laws.M_S - laws.M_T
@@ -208,6 +236,12 @@ def kl_predictive(laws: GaussianLaws, G: np.ndarray, m: int, channel_noise: floa
               + \\mathrm{tr}(\\Delta H_T \\Delta^T)\\big].
     """
     del m  # the m-dependence cancels between the trace and log-det terms
+    return per_dataset(lambda M_T, S_T, M_S, S_S, G_: _kl_predictive(
+        GaussianLaws(M_T, S_T, M_S, S_S, *([None] * 4)), G_, channel_noise),
+        laws.M_T, laws.Sigma_T, laws.M_S, laws.Sigma_S, G)
+
+
+def _kl_predictive(laws: GaussianLaws, G: np.ndarray, channel_noise: float) -> np.ndarray:
     k, d = laws.M_T.shape[-2:]
     nu2 = channel_noise**2
     eye = np.eye(d)
@@ -241,6 +275,10 @@ def mean_terms(M_T: np.ndarray, M_S: np.ndarray, G: np.ndarray, Pi: np.ndarray,
     ``subspace = ||M_T Xe^T (I - Pr)||^2 - rank`` with Pr the projector on ``col(Xe Pi)``,
     ``bias = ||(M_S - M_T) Xe^T||^2 - rank - subspace``.
     """
+    return per_dataset(lambda a, b, c, e: _mean_terms(a, b, c, e, rank), M_T, M_S, G, Pi)
+
+
+def _mean_terms(M_T, M_S, G, Pi, rank):
     k, d = M_T.shape[-2:]
     E = M_T.shape[0]
     MG = M_T @ G

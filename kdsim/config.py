@@ -224,18 +224,27 @@ class _Validated:
 
 @dataclass(frozen=True)
 class TaskConfig(_Validated):
-    name: str = _f("linear_gaussian", _Choice(TASKS), static=True)
+    name: str = _f("linear_gaussian", _Choice(TASKS), static=True,
+                    doc="the task: linear Gaussian case study (closed forms), a planted-MLP task, "
+                        "or a pool of real data / user arrays")
     d: int = _f(8, _Int(1, 65536), static=True, doc="input dimension")
-    k: int = _f(2, _Int(1, 4096), static=True, doc="output dimension (regression)")
-    n: int = _f(64, _Int(1, 1 << 24), static=True, doc="training points per dataset")
-    noise: float = _f(0.5, _Float(gt=0.0), static=False, doc="label noise nu")
-    input_scale: float = _f(1.0, _Float(gt=0.0), static=False, doc="c")
-    input_decay: float = _f(0.0, _Float(ge=-4.0, le=16.0), static=False, doc="a")
-    signal_decay: float = _f(1.0, _Float(ge=-4.0, le=16.0), static=False, doc="b")
-    n_test: int = _f(4096, _Int(1, 1 << 24), static=True)
-    num_classes: int = _f(3, _Int(2, 4096), static=True)
-    planted_width: int = _f(32, _Int(1, 65536), static=True)
-    planted_scale: float = _f(2.0, _Float(ge=0.0), static=False)
+    k: int = _f(2, _Int(1, 4096), static=True, doc="output dimension k (regression)")
+    n: int = _f(64, _Int(1, 1 << 24), static=True, doc="training points n per dataset")
+    noise: float = _f(0.5, _Float(gt=0.0), static=False, doc="label noise nu (regression targets y = f*(x) + nu eps)")
+    input_scale: float = _f(1.0, _Float(gt=0.0), static=False,
+                              doc="c: input variances Sx = diag(c j^-a), j = 1..d (linear task)")
+    input_decay: float = _f(0.0, _Float(ge=-4.0, le=16.0), static=False,
+                              doc="a: decay of the input variances c j^-a (linear task)")
+    signal_decay: float = _f(1.0, _Float(ge=-4.0, le=16.0), static=False,
+                               doc="b: singular values j^-b of the planted W* (linear task)")
+    n_test: int = _f(4096, _Int(1, 1 << 24), static=True,
+                      doc="fresh test points per dataset for the population risk (MLP tasks)")
+    num_classes: int = _f(3, _Int(2, 4096), static=True,
+                           doc="classes K (mlp_classification)")
+    planted_width: int = _f(32, _Int(1, 65536), static=True,
+                             doc="hidden width of the planted network f* (MLP tasks)")
+    planted_scale: float = _f(2.0, _Float(ge=0.0), static=False,
+                               doc="output scale of the planted network f* (MLP tasks)")
     source: str = _f("digits", _Choice(POOL_SOURCES), static=True,
                      doc="pool task: the built-in pool (digits, mnist1d) or user arrays")
     kind: str = _f("classification", _Choice(POOL_KINDS), static=True,
@@ -272,26 +281,37 @@ def _student_model() -> ModelConfig:
 class LangevinConfig(_Validated):
     """Langevin settings of the student; every ``None`` inherits the teacher's setting."""
 
-    gamma: float | None = _f(None, _Float(gt=0.0, optional=True), static=False)
-    prior_scale: float | None = _f(None, _Float(gt=0.0, optional=True), static=False)
-    init_scale: float | None = _f(None, _Float(ge=0.0, optional=True), static=False)
-    step_size: float | None = _f(None, _Float(gt=0.0, optional=True), static=False)
-    num_steps: int | None = _f(None, _Int(0, 10_000_000, optional=True), static=True)
+    gamma: float | None = _f(None, _Float(gt=0.0, optional=True), static=False,
+                             doc="the student's inverse temperature gamma_S; null = the teacher's")
+    prior_scale: float | None = _f(None, _Float(gt=0.0, optional=True), static=False,
+                                   doc="the student's prior scale s0_S; null = the teacher's")
+    init_scale: float | None = _f(None, _Float(ge=0.0, optional=True), static=False,
+                                  doc="the student's initial scale s_init_S; null = the teacher's")
+    step_size: float | None = _f(None, _Float(gt=0.0, optional=True), static=False,
+                                 doc="the student's step size h_S; null = teacher.step_size if set, "
+                                     "else the default at the student's gamma and prior")
+    num_steps: int | None = _f(None, _Int(0, 10_000_000, optional=True), static=True,
+                               doc="the student's Langevin steps; null = the teacher's")
     schedule: str | None = _f(None, _Choice(SCHEDULES, optional=True), static=True,
-                              doc="step-size schedule; null = the teacher's")
+                              doc="the student's step-size schedule; null = the teacher's")
     schedule_offset: float | None = _f(None, _Float(gt=0.0, optional=True), static=False,
-                                       doc="b of the polynomial schedule; null = the teacher's")
+                                       doc="b of the student's polynomial schedule; null = the teacher's")
 
 
 @dataclass(frozen=True)
 class TeacherConfig(_Validated):
     gamma: float | None = _f(None, _Float(gt=0.0, optional=True), static=False,
-                             doc="inverse temperature; null = n/nu^2 (classification: n)")
-    prior_scale: float = _f(1.0, _Float(gt=0.0), static=False, doc="s0")
-    init_scale: float = _f(1.0, _Float(ge=0.0), static=False, doc="s_init")
+                             doc="inverse temperature gamma of the empirical risk; null = n/nu^2 "
+                                 "(classification: n), the Bayesian posterior")
+    prior_scale: float = _f(1.0, _Float(gt=0.0), static=False,
+                               doc="prior scale s0: prior N(0, s0^2) per parameter")
+    init_scale: float = _f(1.0, _Float(ge=0.0), static=False,
+                              doc="initial scale s_init: chains start from N(0, s_init^2)")
     step_size: float | None = _f(None, _Float(gt=0.0, optional=True), static=False,
-                                 doc="h; null = SPEC default")
-    num_steps: int = _f(2000, _Int(0, 10_000_000), static=True)
+                                 doc="step size h; null = 0.1 / (gamma c (1 + sqrt(d/n))^2 + 1/s0^2) "
+                                     "(linear task; must stay below 2 / lambda_max(A)), 1e-3 (MLP)")
+    num_steps: int = _f(2000, _Int(0, 10_000_000), static=True,
+                        doc="Langevin steps of the teacher (no burn-in: the kernel is the final state's law)")
     schedule: str = _f("constant", _Choice(SCHEDULES), static=True,
                        doc="step sizes h_t: constant h; polynomial h (b / (b + t))^0.55 (SGLD); "
                            "cosine decay from h to 0 over num_steps (optax)")
@@ -302,25 +322,36 @@ class TeacherConfig(_Validated):
 
 @dataclass(frozen=True)
 class StudentConfig(_Validated):
-    alpha: float = _f(0.0, _Float(ge=0.0, le=1.0), static=False)
+    alpha: float = _f(0.0, _Float(ge=0.0, le=1.0), static=False,
+                       doc="weight of the hard-label loss; 1 - alpha on distillation (1 = no KD)")
     rank: int | None = _f(None, _Int(1, 65536, optional=True), static=True,
-                          doc="subspace rank r (linear task); null = full")
-    teacher_noise: float = _f(0.0, _Float(ge=0.0), static=False, doc="nu_T")
-    temperature: float = _f(1.0, _Float(gt=0.0), static=False, doc="tau")
+                          doc="subspace rank r of the linear student (top-r eigenvectors of Cxx); null = full")
+    teacher_noise: float = _f(0.0, _Float(ge=0.0), static=False,
+                               doc="nu_T: noise on the soft labels f_T(x) + nu_T e (regression)")
+    temperature: float = _f(1.0, _Float(gt=0.0), static=False,
+                             doc="tau: distillation temperature (classification)")
     langevin: LangevinConfig = _sub(LangevinConfig)
     model: ModelConfig = _sub(_student_model)
 
 
 @dataclass(frozen=True)
 class EstimatorsConfig(_Validated):
-    bound_divergence: str | None = _f(None, _Choice(DIVERGENCES, optional=True), static=True)
-    cgf: str | None = _f(None, _Choice(CGFS, optional=True), static=True)
-    channel_noise: float | None = _f(None, _Float(gt=0.0, optional=True), static=False)
-    ghost_points: int | None = _f(None, _Int(1, 1 << 24, optional=True), static=True)
-    knn_k: int = _f(5, _Int(1, 1000), static=True)
-    ess_fraction: float = _f(0.1, _Float(gt=0.0, le=1.0), static=False)
-    c_lam: float = _f(0.5, _Float(gt=0.0, lt=1.0), static=False)
-    b3_holdout: float = _f(0.25, _Float(gt=0.0, lt=1.0), static=True)
+    bound_divergence: str | None = _f(None, _Choice(DIVERGENCES, optional=True), static=True,
+                                      doc="KL_D the parameter-space bounds use; null = exact on the "
+                                          "linear full-rank task, else girsanov")
+    cgf: str | None = _f(None, _Choice(CGFS, optional=True), static=True,
+                         doc="CGF of the gap the bounds use; null = exact where a closed form exists")
+    channel_noise: float | None = _f(None, _Float(gt=0.0, optional=True), static=False,
+                                    doc="nu_p of the predictive channel F = f_w(x) + nu_p z; null = task.noise")
+    ghost_points: int | None = _f(None, _Int(1, 1 << 24, optional=True), static=True,
+                                  doc="fresh points per dataset for the function-space bounds; null = n")
+    knn_k: int = _f(5, _Int(1, 1000), static=True, doc="neighbours of the k-NN KL estimator")
+    ess_fraction: float = _f(0.1, _Float(gt=0.0, le=1.0), static=False,
+                              doc="empirical CGF: lam_max is the largest lam keeping ESS >= this fraction of P")
+    c_lam: float = _f(0.5, _Float(gt=0.0, lt=1.0), static=False,
+                       doc="exact CGF: B1 uses lam_max = c_lam / kappa_max")
+    b3_holdout: float = _f(0.25, _Float(gt=0.0, lt=1.0), static=True,
+                            doc="fraction of teacher particles held out to judge assumptions")
     b3_quantile: float = _f(1.0, _Float(gt=0.0, le=1.0), static=True,
                             doc="quantile of the teacher's distances to its centre that sets rho")
     girsanov: bool | None = _f(None, _OptBool(), static=True,
@@ -329,8 +360,10 @@ class EstimatorsConfig(_Validated):
                        doc="also train the student from scratch (alpha = 1) for comparison")
     channel_draws: int = _f(4, _Int(1, 10_000), static=True,
                             doc="channel noise draws per teacher particle for the function-space CGF")
-    power_iterations: int = _f(50, _Int(1, 100_000), static=True)
-    hutchinson_probes: int = _f(64, _Int(2, 100_000), static=True)
+    power_iterations: int = _f(50, _Int(1, 100_000), static=True,
+                                doc="power-iteration steps for the top Hessian eigenvalue")
+    hutchinson_probes: int = _f(64, _Int(2, 100_000), static=True,
+                                 doc="Rademacher probes of the Hutchinson Hessian trace")
     curvature_points: int = _f(8, _Int(0, 1 << 20), static=True,
                                doc="teacher particles (besides the centre) over which S_D is maximised")
 
@@ -343,10 +376,13 @@ class SimConfig(_Validated):
     teacher: TeacherConfig = _sub(TeacherConfig)
     student: StudentConfig = _sub(StudentConfig)
     estimators: EstimatorsConfig = _sub(EstimatorsConfig)
-    num_datasets: int = _f(16, _Int(1, 1 << 20), static=True)
-    num_particles: int = _f(256, _Int(2, 1 << 30), static=True)
-    seed: int = _f(0, _Int(0, 2**32 - 1), static=True)
-    dtype: str = _f("float32", _Choice(DTYPES), static=True)
+    num_datasets: int = _f(16, _Int(1, 1 << 20), static=True, doc="E: independent datasets D")
+    num_particles: int = _f(256, _Int(2, 1 << 30), static=True,
+                             doc="P: teacher-student pairs per dataset")
+    seed: int = _f(0, _Int(0, 2**32 - 1), static=True,
+                    doc="root of every random stream (data, initial states, noise)")
+    dtype: str = _f("float32", _Choice(DTYPES), static=True,
+                     doc="engine precision (closed forms, KLs, CGFs are always float64)")
     engine_precision: str = _f("default", _Choice(PRECISIONS), static=True,
                                doc="matmul precision of the Langevin engine (jax.default_matmul_precision; "
                                    "matters on GPUs/TPUs, where float32 matmuls default to lower precision)")
@@ -440,6 +476,77 @@ def field_paths(cls: type = SimConfig, prefix: str = "") -> list[str]:
         else:
             out.append(path)
     return out
+
+
+class FieldDoc(NamedTuple):
+    """One row of the configuration reference."""
+
+    path: str       # dotted field path, e.g. "teacher.step_size"
+    meaning: str    # the field's ``doc``
+    default: str    # the default as written in TOML ("null" = computed, see meaning)
+    allowed: str    # the field check's describe(): the allowed range
+    traced: bool    # numeric (traced: changing it never recompiles) or static
+
+
+def reference(config: "SimConfig | None" = None) -> list[FieldDoc]:
+    """Every config field, in declaration order, with its meaning, default and range.
+
+    Generated from the fields themselves (their ``doc``, default and check), so a new
+    field appears here, in ``kdsim config`` and in ``docs/config.md`` without more work.
+    Sub-tables are found from the default instance, whatever their class.
+    """
+    rows: list[FieldDoc] = []
+
+    def walk(obj: Any, prefix: str) -> None:
+        for f in dataclasses.fields(obj):
+            value = getattr(obj, f.name)
+            if f.metadata.get("sub"):
+                walk(value, prefix + f.name + ".")
+                continue
+            check = f.metadata.get("check")
+            rows.append(FieldDoc(
+                path=prefix + f.name, meaning=f.metadata.get("doc", ""),
+                default="null" if value is None else _toml_value(value),
+                allowed=check.describe() if hasattr(check, "describe") else "",
+                traced=not f.metadata.get("static", True)))
+
+    walk(config if config is not None else SimConfig(), "")
+    return rows
+
+
+def reference_markdown() -> str:
+    """The configuration reference as a Markdown document (``docs/config.md``)."""
+    esc = lambda text: text.replace("|", "\\|")
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated from the fields of `kdsim/config.py` by `kdsim config --markdown`",
+        "(a test checks that this file is current). A config (a dict or a TOML file) names",
+        "only the fields it changes; unknown keys and out-of-range values are errors that",
+        "name the field and the allowed range. `null` as a default means the value is",
+        "computed from other fields, as the meaning says. *Traced* fields are numbers",
+        "passed to the compiled programs as arrays: changing them never recompiles;",
+        "*static* fields fix shapes or code paths.",
+        "",
+        "| field | meaning | default | allowed | kind |",
+        "|---|---|---|---|---|",
+    ]
+    for row in reference():
+        lines.append(f"| `{row.path}` | {esc(row.meaning)} | `{row.default}` | {esc(row.allowed)} | "
+                     f"{'traced' if row.traced else 'static'} |")
+    return "\n".join(lines) + "\n"
+
+
+def reference_text(width: int = 100) -> str:
+    """The configuration reference as plain text, for ``kdsim config``."""
+    import textwrap
+    out = []
+    for row in reference():
+        kind = "traced" if row.traced else "static"
+        out.append(f"{row.path} = {row.default}    [{row.allowed}; {kind}]")
+        out.extend(textwrap.wrap(row.meaning, width=width, initial_indent="    ",
+                                 subsequent_indent="    "))
+    return "\n".join(out) + "\n"
 
 
 def _sub_class(cls: type, name: str) -> type:
@@ -728,13 +835,10 @@ def resolve(cfg: SimConfig) -> Resolved:
     offset_s = sl.schedule_offset if sl.schedule_offset is not None else t.schedule_offset
     student = LangevinNumeric(gamma_s, s0_s, init_s, h_s, offset_s)
 
-    if task.name == "linear_gaussian":
-        for who, p in (("teacher", teacher), ("student.langevin", student)):
-            limit = 2.0 / linear_curvature_estimate(task, p.gamma, p.prior_scale)
-            if p.step_size > limit:
-                warnings.append(
-                    f"{who}.step_size = {p.step_size:.3g} is above the stability estimate "
-                    f"2 / (gamma c (1 + sqrt(d/n))^2 + 1/s0^2) = {limit:.3g}: chains may diverge")
+    # The linear task's step sizes are checked against the exact stability limit
+    # 2 / lambda_max(A) of the generated data before any chain runs
+    # (kdsim.simulate.check_step_sizes); the Marchenko--Pastur estimate above only sets
+    # the default step size.
 
     full = s.rank is None or s.rank == task.d
     rank = task.d if full else int(s.rank)

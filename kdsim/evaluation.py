@@ -137,6 +137,11 @@ def closed_form_columns(ctx: Context) -> tuple[dict[str, np.ndarray], list[str]]
     cols["klpred_convexity_exact"] = dec.total / (2.0 * nu_p**2)
     for name, value in dec._asdict().items():
         cols[f"decomp_{name}"] = value
+    for name, value in cols.items():
+        bad = np.flatnonzero(np.isnan(value))
+        if bad.size:
+            notes.append(f"{name}: NaN in datasets {bad.tolist()}: the closed form's covariances "
+                         "are not finite or too ill-conditioned for its linear algebra")
     return cols, notes
 
 
@@ -342,6 +347,8 @@ def _sharpness_columns(run, ok: np.ndarray) -> dict[str, np.ndarray]:
         if parts.shape[0] > p_dim:
             with jax.enable_x64(True):
                 H = np.asarray(sharpness.laplace_hessian(jnp.asarray(parts), gamma, s0))
+            if not np.isfinite(H).all():   # a singular particle covariance: stays NaN
+                continue
             ev = np.linalg.eigvalsh(0.5 * (H + H.T))
             lap_top[e], lap_trace[e] = ev[-1], ev.sum()
     cols["sharpness_laplace_top"] = lap_top

@@ -407,6 +407,8 @@ def _sharpness_columns(run, ok, n_fit, X, Y, Xt, Yt, model, classification):
         if parts.shape[0] > p_dim:
             with jax.enable_x64(True):
                 H = np.asarray(sharpness.laplace_hessian(jnp.asarray(parts), gamma, s0))
+            if not np.isfinite(H).all():   # a singular particle covariance: stays NaN
+                continue
             evs = np.linalg.eigvalsh(0.5 * (H + H.T))
             lap_top[e], lap_trace[e] = evs[-1], evs.sum()
     return {"sharpness_top": top, "sharpness_trace": trace, "sharpness_trace_se": trace_se,

@@ -16,6 +16,41 @@ run split into segments is bit-identical to the unsplit run.
 A chain whose position stops being finite is *diverged*: the flag is sticky, the step
 is recorded, and the position is frozen at its last finite value so NaN cannot spread
 into anything computed from it. Estimators exclude diverged particles (and their pairs).
+
+A chain can also blow up without ever overflowing: in float64 an unstable linear chain
+grows like ``|1 - h lambda_max|^T`` (1e130 after 200 steps) and stays finite. So a
+kernel may also be given an *escape test* (:func:`region_test`): a chain is diverged
+as soon as its prior-normalised squared norm
+
+.. math::
+
+    R(w) = \\sum_\\ell \\frac{\\|w_\\ell\\|^2}{s_0^2 s_\\ell^2}
+
+(sum over parameter leaves, ``s_ell`` the leaf's prior scale, 1 for the built-in
+models) exceeds :func:`escape_limit`,
+
+.. math::
+
+    R_{\\max} = 10^{8} \\cdot D \\cdot \\max\\big(1,\\ (s_{init}/s_0)^2,\\ \\gamma s_0^2 \\max_\\ell s_\\ell^2\\big),
+
+``D`` the number of parameters. Why no healthy chain reaches it:
+
+- under the prior ``R ~ chi^2_D`` and under the initial law ``R ~ (s_init/s0)^2 chi^2_D``;
+  by the Laurent--Massart bound ``P(chi^2_D > D + 2 sqrt(D x) + 2x) <= e^{-x}``, exceeding
+  ``10^8 D`` has probability below ``exp(-10^7)``;
+- the posterior's spread is at most the prior's (its precision ``gamma H + I/s0^2``
+  dominates ``I/s0^2`` wherever the loss is convex), but its mean can sit far outside the
+  prior: for a linear model one coordinate's posterior mean is
+  ``gamma b_i / (gamma lambda_i + 1/s0^2)`` with ``b_i^2 <= lambda_i E[y^2]`` (Cauchy--Schwarz),
+  so ``m_i^2 / s0^2 <= gamma s0^2 E[y^2] / 4`` whatever the data's spectrum, and
+  ``R(mean) <= D gamma s0^2 E[y^2] / 4``. A stable chain moves from the initial law to
+  the posterior without overshooting either.
+
+So a healthy chain stays below ``D max(...) (E[y^2] + a few)``, and the factor ``10^8``
+leaves room for targets up to ``10^4`` times the unit scale (squared: ``10^8``) and for
+non-convex losses, while a blown-up float64 chain crosses it within a few dozen steps
+of its instability. The flag is decided by a comparison, so the exact rounding of ``R``
+never matters except for a chain within one ulp of the limit.
 """
 
 from __future__ import annotations
@@ -37,8 +72,8 @@ class LangevinState(NamedTuple):
     """Scan carry of one chain."""
 
     position: PyTree          # parameters, any pytree of arrays
-    diverged: jax.Array       # bool [] sticky: the position stopped being finite
-    diverged_step: jax.Array  # int32 [] first non-finite step, -1 while finite
+    diverged: jax.Array       # bool [] sticky: the position stopped being finite (or escaped)
+    diverged_step: jax.Array  # int32 [] first diverged step, -1 while healthy
 
 
 class LangevinInfo(NamedTuple):
@@ -105,14 +140,74 @@ def _all_finite(tree: PyTree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)]))
 
 
+ESCAPE_MARGIN = 1e8   # see the module docstring: far above any healthy chain
+
+
+def prior_normalised_sq_norm(position: PyTree, prior_scale: jax.Array,
+                             leaf_scales: PyTree | None = None) -> jax.Array:
+    """``R(w) = sum_leaf ||w_leaf||^2 / (s0^2 s_leaf^2)`` of ONE particle, a scalar.
+
+    Args:
+      position: the particle's parameter pytree.
+      prior_scale: s0 (traced scalar).
+      leaf_scales: a pytree of scalars s_leaf with the structure of ``position``
+        (None: all ones, the built-in models and the linear task).
+    """
+    leaves = jax.tree_util.tree_leaves(position)
+    scales = [1.0] * len(leaves) if leaf_scales is None else jax.tree_util.tree_leaves(leaf_scales)
+    inv = 1.0 / jnp.asarray(prior_scale) ** 2
+    total = 0.0
+    for w, s in zip(leaves, scales):
+        total = total + jnp.sum(w * w) * (inv / jnp.asarray(s, jnp.result_type(w)) ** 2)
+    return jnp.asarray(total)
+
+
+def escape_limit(template: PyTree, gamma: jax.Array, prior_scale: jax.Array,
+                 init_scale: jax.Array, leaf_scales: PyTree | None = None,
+                 margin: float = ESCAPE_MARGIN) -> jax.Array:
+    """Largest prior-normalised squared norm a healthy chain may reach (module docstring):
+
+    .. math:: R_{\\max} = \\mathrm{margin} \\cdot D \\cdot
+              \\max(1, (s_{init}/s_0)^2, \\gamma s_0^2 \\max_\\ell s_\\ell^2)
+
+    Args:
+      template: ONE particle's parameter pytree (only the leaf sizes are used: D).
+      gamma, prior_scale, init_scale: the chain's gamma, s0 and s_init (traced scalars).
+      leaf_scales: pytree of s_leaf (None: all ones).
+    Returns:
+      a scalar in the dtype of the template's leaves.
+    """
+    leaves = jax.tree_util.tree_leaves(template)
+    dim = sum(int(np.prod(jnp.shape(x))) for x in leaves)
+    dtype = jnp.result_type(*leaves)
+    s_max = 1.0 if leaf_scales is None else jnp.max(jnp.stack(
+        [jnp.asarray(s, dtype) for s in jax.tree_util.tree_leaves(leaf_scales)]))
+    gamma, s0, s_init = (jnp.asarray(x, dtype) for x in (gamma, prior_scale, init_scale))
+    worst = jnp.maximum(jnp.maximum(1.0, (s_init / s0) ** 2), gamma * s0**2 * s_max**2)
+    return (margin * max(dim, 1) * worst).astype(dtype)
+
+
+def region_test(prior_scale: jax.Array, limit: jax.Array,
+                leaf_scales: PyTree | None = None) -> Callable[[PyTree], jax.Array]:
+    """Escape test for :func:`build_kernel`: ``position -> bool []``, True when
+    ``R(position) > limit`` or R is not finite (NaN compares False, so it escapes)."""
+    def escaped(position: PyTree) -> jax.Array:
+        return ~(prior_normalised_sq_norm(position, prior_scale, leaf_scales) <= limit)
+    return escaped
+
+
 def build_kernel(grad_energy: Callable[[PyTree, Any], PyTree], schedule: Schedule,
-                 has_aux: bool = False) -> LangevinKernel:
+                 has_aux: bool = False,
+                 escaped: Callable[[PyTree], jax.Array] | None = None) -> LangevinKernel:
     """Euler--Maruyama Langevin kernel.
 
     Args:
       grad_energy: ``(position, batch) -> grad U(position)``, same pytree as position;
         with ``has_aux``, ``-> (grad, aux)`` and ``aux`` is passed on in the info.
       schedule: ``t -> h_t`` (int32 global step index to step size).
+      escaped: optional ``position -> bool []`` (e.g. :func:`region_test`): a proposal
+        for which it is True diverges the chain exactly as a non-finite one does (the
+        position is frozen at its last value, the step recorded).
     Returns:
       a :class:`LangevinKernel`; ``kernel.update(state, noise, t, batch)`` is the step
       with its standard normal ``noise`` given (``step`` draws it from ``key``).
@@ -131,6 +226,8 @@ def build_kernel(grad_energy: Callable[[PyTree, Any], PyTree], schedule: Schedul
             lambda w, g, xi: (w - h * g + scale * xi).astype(w.dtype),
             state.position, grad, noise)
         blew_up = ~_all_finite(proposal)
+        if escaped is not None:
+            blew_up = blew_up | escaped(proposal)
         newly = blew_up & ~state.diverged
         diverged = state.diverged | blew_up
         position = jax.tree_util.tree_map(

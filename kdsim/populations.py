@@ -99,7 +99,7 @@ def _sq_norm(tree) -> jax.Array:
 
 def _segment(p: LangevinNumeric, grad_energy: Callable, state, acc, keys_noise: jax.Array,
              start, num_steps: int, data: Any, targets: Any = None, girsanov: bool = False, *,
-             schedule: str = "constant", phase_steps: int = 1):
+             schedule: str = "constant", phase_steps: int = 1, leaf_scales: Any = None):
     """Advance a population (leading axes ``(E, P)``) over global steps ``start ..``.
 
     Args:
@@ -110,12 +110,20 @@ def _segment(p: LangevinNumeric, grad_energy: Callable, state, acc, keys_noise: 
         (leading axes ``(E, P)``) or None.
       schedule, phase_steps: the step-size schedule (:func:`kdsim.langevin.schedule`) over
         the whole phase of ``phase_steps`` steps (the segment is a part of it).
+      leaf_scales: per-leaf ``s_leaf`` of the particles (None: all ones), for the escape
+        region of :func:`kdsim.langevin.escape_limit`.
     Returns:
       ``(LangevinState, acc)``.
     """
+    # a chain leaving the region no healthy chain reaches is diverged too, before it overflows
+    one = jax.tree_util.tree_map(lambda x: x[0, 0], state.position)
+    escaped = langevin.region_test(
+        p.prior_scale, langevin.escape_limit(one, p.gamma, p.prior_scale, p.init_scale, leaf_scales),
+        leaf_scales)
     kernel = langevin.build_kernel(
         lambda w, b: grad_energy(w, b[0], b[1]),
-        langevin.schedule(schedule, p.step_size, phase_steps, p.schedule_offset), has_aux=girsanov)
+        langevin.schedule(schedule, p.step_size, phase_steps, p.schedule_offset), has_aux=girsanov,
+        escaped=escaped)
     if not girsanov:
         state, _ = langevin.run_population(kernel, keys_noise, state, start, num_steps,
                                            batch=data, particle_batch=targets)
@@ -385,16 +393,18 @@ def _model_targets(root, datasets, particles, teacher, X, teacher_noise, tau, *,
 @partial(jax.jit, static_argnames=("apply", "classification", "num_steps", "girsanov",
                                    "schedule", "phase_steps"))
 def _model_segment(state, acc, start, keys_noise, X, Y, target, p: LangevinNumeric,
-                   p_T: LangevinNumeric, alpha, tau, inv_var, inv_var_T, *, apply, classification,
+                   p_T: LangevinNumeric, alpha, tau, scales, scales_T, *, apply, classification,
                    num_steps: int, girsanov: bool, schedule: str, phase_steps: int):
-    """Teachers (``target`` None) or students over one segment of steps."""
+    """Teachers (``target`` None) or students over one segment of steps; ``scales`` are
+    the particles' per-leaf ``s_leaf``, ``scales_T`` the teacher's (Girsanov)."""
+    inv_var = _inverse_variances(p, scales)
     if target is None:
         grad = teacher_energy_grad(apply, classification, p, inv_var)
     else:
-        grad = student_energy_grad(apply, classification, p, p_T, alpha, tau, inv_var, inv_var_T,
-                                   girsanov)
+        grad = student_energy_grad(apply, classification, p, p_T, alpha, tau, inv_var,
+                                   _inverse_variances(p_T, scales_T), girsanov)
     return _segment(p, grad, state, acc, keys_noise, start, num_steps, (X, Y), target, girsanov,
-                    schedule=schedule, phase_steps=phase_steps)
+                    schedule=schedule, phase_steps=phase_steps, leaf_scales=scales)
 
 
 def run_model(root: jax.Array, res: Resolved, data: ModelData, datasets: np.ndarray,
@@ -416,15 +426,14 @@ def run_model(root: jax.Array, res: Resolved, data: ModelData, datasets: np.ndar
         p_T, p_S = _cast(nm.teacher, dtype), _cast(nm.student, dtype)
         tau = _cast(nm.temperature, dtype)
         scales_T, scales_S = teacher_model.scale_tree(dtype), student_model.scale_tree(dtype)
-        inv_T = _inverse_variances(p_T, scales_T)
-        common = dict(X=X, Y=Y, p_T=p_T, tau=tau, classification=classification, inv_var_T=inv_T)
+        common = dict(X=X, Y=Y, p_T=p_T, tau=tau, classification=classification, scales_T=scales_T)
         t0 = time.perf_counter()
         state, keys = lay.particles(_model_init(
             root, ds, ps, p_T.init_scale, scales_T, structure=teacher_model.structure,
             init_stream="teacher_init", noise_stream="teacher_noise", dtype=st.dtype))
         teachers, _ = _advance(_model_segment, state, None, st.teacher_steps, progress, "teacher",
                                keys_noise=keys, target=None, p=p_T, alpha=_cast(1.0, dtype),
-                               inv_var=inv_T, apply=teacher_model.apply, girsanov=False,
+                               scales=scales_T, apply=teacher_model.apply, girsanov=False,
                                schedule=st.teacher_schedule, **common)
         jax.block_until_ready(teachers)
         seconds["teacher"] = time.perf_counter() - t0
@@ -438,7 +447,7 @@ def run_model(root: jax.Array, res: Resolved, data: ModelData, datasets: np.ndar
             acc = lay.particles(jnp.zeros((len(datasets), len(particles)), dtype)) if girsanov else None
             out = _advance(_model_segment, state, acc, st.student_steps, progress, phase,
                            keys_noise=keys, target=target, p=p_S, alpha=_cast(alpha, dtype),
-                           inv_var=_inverse_variances(p_S, scales_S), apply=student_model.apply,
+                           scales=scales_S, apply=student_model.apply,
                            girsanov=girsanov, schedule=st.student_schedule, **common)
             jax.block_until_ready(out[0])
             return out

@@ -13,8 +13,8 @@ import jax
 import numpy as np
 import pandas as pd
 
-from . import memory, populations, sharding, streams
-from .config import ConfigError, Resolved, SimConfig, linear_curvature_estimate, resolve
+from . import closed_form, memory, populations, sharding, streams
+from .config import ConfigError, Resolved, SimConfig, resolve
 from .evaluation import linear_columns
 from .evaluation_mlp import mlp_columns
 from .models import Prepared, builtin, prepare, same_structure
@@ -195,6 +195,8 @@ def _run(cfg: SimConfig, res: Resolved, models, bar: Progress, pool: sources.Poo
             task = populations.ModelData(data.X, data.Y, data.classification)
             return populations.run_model(root, res, task, datasets, particles, models, bar)
     data = make(np.arange(st.num_datasets))
+    if st.task == "linear_gaussian":     # before any chain runs: an error or notes
+        res = res._replace(warnings=res.warnings + tuple(check_step_sizes(cfg, res, data)))
     share = sharding.process_share(st.num_datasets, st.num_particles)
     with jax.default_matmul_precision(st.engine_precision):
         local = _train(engine, root, res, make(share.datasets) if share.axis == 0 else data,
@@ -202,6 +204,69 @@ def _run(cfg: SimConfig, res: Resolved, models, bar: Progress, pool: sources.Poo
     pops = populations.Populations(**populations.map_arrays(lambda x: sharding.gather(x, share), local),
                                    seconds=dict(local.seconds))
     return Run(cfg, res, data, pops, time.perf_counter() - t0, models)
+
+
+# Above this fraction of the stability limit a step size gets a note: there the top
+# eigen-direction's discretised stationary variance, 2 / (lambda (2 - h lambda)), is more
+# than 2 / (2 - 1.8) = 10 times the Gibbs posterior's 1 / lambda, and it relaxes like
+# |1 - h lambda|^t with |1 - h lambda| > 0.8: the chains are valid (the *_exact columns
+# follow them) but far from the stationary laws.
+STABILITY_WARN_FRACTION = 0.9
+
+
+def _step_size_fields(cfg: SimConfig) -> tuple[str, str]:
+    """The fields that set the teacher's and the student's step sizes (a student that
+    inherits its step size names where it comes from)."""
+    sl = cfg.student.langevin
+    if sl.step_size is not None:
+        student = "student.langevin.step_size"
+    elif cfg.teacher.step_size is not None:
+        student = "student.langevin.step_size (inherited from teacher.step_size)"
+    else:
+        student = "student.langevin.step_size (default)"
+    teacher = "teacher.step_size" if cfg.teacher.step_size is not None else "teacher.step_size (default)"
+    return teacher, student
+
+
+def stability_limits(res: Resolved, data) -> tuple[np.ndarray, np.ndarray]:
+    """``2 / lambda_max(A)`` of the teacher's and the student's drift, per dataset ``(E,)``."""
+    A_T, A_S = closed_form.precision_matrices(data, res.numeric)
+    return closed_form.stability_limit(A_T), closed_form.stability_limit(A_S)
+
+
+def check_step_sizes(cfg: SimConfig, res: Resolved, data) -> list[str]:
+    """Compare the linear task's step sizes with the exact stability limit of the data.
+
+    ``h >= 2 / lambda_max(A)`` on any dataset (``A = gamma Cxx + I/s0^2``; the student's
+    ``gamma_S Pi^T Cxx Pi + I/s0_S^2``) raises :class:`ConfigError` naming the field, the
+    value and the limit: such a chain grows like ``|1 - h lambda_max|^T`` (at the limit
+    itself its variance grows without bound). Above :data:`STABILITY_WARN_FRACTION` of
+    the limit it returns a note.
+    """
+    st, nm = res.static, res.numeric
+    notes = []
+    limits = stability_limits(res, data)
+    drifts = ("gamma Cxx + I/s0^2", "gamma_S Pi^T Cxx Pi + I/s0_S^2")
+    for field, drift, p, limit, steps in zip(_step_size_fields(cfg), drifts, (nm.teacher, nm.student),
+                                             limits, (st.teacher_steps, st.student_steps)):
+        if steps == 0:
+            continue
+        e = int(np.argmin(limit))
+        lim = float(limit[e])
+        if p.step_size >= lim:
+            raise ConfigError(
+                f"{field} = {p.step_size:.4g} is beyond the stability limit 2 / lambda_max({drift}) "
+                f"= {lim:.4g} (dataset {e}, the smallest limit of {len(limit)}): the "
+                f"chains would grow like |1 - h lambda_max|^T; use a step size below {lim:.4g}")
+        if p.step_size > STABILITY_WARN_FRACTION * lim:
+            ratio = 2.0 / (2.0 - p.step_size * 2.0 / lim)
+            notes.append(
+                f"{field} = {p.step_size:.4g} is {p.step_size / lim:.0%} of the stability limit "
+                f"2 / lambda_max = {lim:.4g} (dataset {e}): along the top eigen-direction the "
+                f"chain's stationary variance is {ratio:.3g} times the Gibbs posterior's and "
+                "relaxes slowly; the *_exact columns follow the discretised chain, the "
+                "*_stationary ones do not")
+    return notes
 
 
 def _train(engine, root, res: Resolved, data, datasets: np.ndarray, particles: np.ndarray,
@@ -307,10 +372,11 @@ def check_divergence(run: Run) -> None:
         first = f", the first at step {int(steps[diverged].min())}" if steps is not None else ""
         hint = f"reduce {field}.step_size (now {p.step_size:.3g})"
         if res.static.task == "linear_gaussian":
-            stable = 2.0 / linear_curvature_estimate(cfg.task, p.gamma, p.prior_scale)
-            hint += f"; the stability estimate is {stable:.3g}"
+            stable = stability_limits(res, run.data)[0 if who == "teacher" else 1].min()
+            hint += f"; the stability limit 2 / lambda_max is {stable:.3g}"
         raise DivergenceError(
-            f"{int(diverged.sum())} of {diverged.size} {who} chains diverged ({frac:.0%}{first}), "
+            f"{int(diverged.sum())} of {diverged.size} {who} chains diverged ({frac:.0%}{first}; "
+            "overflowed or left the region a healthy chain never reaches), "
             f"more than max_diverged_fraction = {limit:g}: {hint}", run)
 
 

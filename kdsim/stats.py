@@ -63,3 +63,58 @@ def jackknife_combine(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 def bonferroni_z(num_tests: int, familywise: float = 1e-3) -> float:
     """Two-sided |z| limit that keeps the family-wise false-alarm rate at ``familywise``."""
     return float(sps.norm.isf(familywise / (2 * max(num_tests, 1))))
+
+
+def per_dataset(fn, *arrays):
+    """``fn(*arrays)`` for batched float64 linear algebra that never raises.
+
+    Every array has the leading dataset axis E; ``fn`` returns an array or a (named)
+    tuple of arrays, each with leading axis E. A dataset whose inputs are not all finite
+    gets NaN (its inputs are swapped for a harmless stand-in so the batch still runs); if
+    the batch raises ``LinAlgError``, the datasets are redone one at a time and those
+    that fail get NaN. Callers name the NaN columns, and why, in the notes.
+    """
+    arrays = [np.asarray(a, np.float64) for a in arrays]
+    E = arrays[0].shape[0]
+    finite = np.ones(E, bool)
+    for a in arrays:
+        finite &= np.isfinite(a.reshape(E, -1)).all(axis=1)
+
+    def stand_in(a):
+        if finite.any():
+            return a[np.argmax(finite)]
+        if a.ndim >= 3 and a.shape[-1] == a.shape[-2]:       # a covariance: the identity
+            return np.broadcast_to(np.eye(a.shape[-1]), a.shape[1:])
+        return np.zeros(a.shape[1:])
+
+    safe = [np.where(finite.reshape((E,) + (1,) * (a.ndim - 1)), a, stand_in(a)) if a.ndim
+            else a for a in arrays]
+    try:
+        with np.errstate(all="ignore"):
+            out = fn(*safe)
+    except np.linalg.LinAlgError:
+        parts = []
+        for e in range(E):
+            try:
+                with np.errstate(all="ignore"):
+                    parts.append(fn(*[a[e:e + 1] for a in safe]))
+            except np.linalg.LinAlgError:
+                parts.append(None)
+                finite[e] = False
+        template = next((p for p in parts if p is not None), None)
+        if template is None:                    # nothing evaluates: shapes from a stand-in
+            finite[:] = False
+            with np.errstate(all="ignore"):
+                template = fn(*[np.broadcast_to(stand_in(a), (1,) + a.shape[1:]) for a in safe])
+        nan_like = _map(lambda x: np.full(np.shape(x), np.nan), template)
+        parts = [nan_like if p is None else p for p in parts]
+        out = _map(lambda *xs: np.concatenate([np.asarray(x, np.float64) for x in xs]), *parts)
+    return _map(lambda x: np.where(finite.reshape((E,) + (1,) * (np.ndim(x) - 1)), x, np.nan), out)
+
+
+def _map(f, *trees):
+    """``f`` over arrays or leafwise over (named) tuples of arrays."""
+    if isinstance(trees[0], tuple):
+        values = [f(*xs) for xs in zip(*trees)]
+        return type(trees[0])(*values) if hasattr(trees[0], "_fields") else tuple(values)
+    return f(*trees)

@@ -167,6 +167,8 @@ def run_point(out: str | None, index: int, values: Mapping[str, Any], cfg: SimCo
         res = simulate(cfg, progress=False, **inputs)
     except DivergenceError as err:     # finished points stay in the store
         raise DivergenceError(f"sweep point {index} {dict(values)}: {err}", err.run) from None
+    except ConfigError as err:         # e.g. a step size beyond the data's stability limit
+        raise type(err)(f"sweep point {index} {dict(values)}: {err}") from None
     res.meta["sweep_point"] = {"index": index, "values": dict(values),
                                "hash": point_hash(cfg, inputs)}
     if out is not None:

@@ -120,3 +120,21 @@ def assert_layout_close(got, want, what: str = "", engine_dtype: str = "float32"
     tol = LAYOUT_RTOL[np.dtype(engine_dtype)]
     assert diff <= tol, f"{what}: relative difference {diff:.3g} > {tol:g}"
     return diff
+
+
+def assert_never_flagged(run, margin: float = 1e-4) -> None:
+    """No chain of a healthy run was ever flagged diverged (the flags are sticky), and
+    the final states sit far inside the escape region: prior-normalised squared norm
+    ``R = ||w||^2 / s0^2`` below ``margin`` times the documented limit
+    ``1e8 * D * max(1, (s_init/s0)^2, gamma s0^2)`` (kdsim.langevin), computed here."""
+    pops, nm = run.populations, run.resolved.numeric
+    assert not pops.diverged_T.any() and not pops.diverged_S.any()
+    assert not pops.diverged_scratch.any()
+    student = pops.student_sub if pops.student_sub is not None else pops.student
+    for params, p in ((pops.teacher, nm.teacher), (student, nm.student)):
+        leaves = [np.asarray(x, np.float64) for x in jax.tree_util.tree_leaves(params)]
+        E, P = leaves[0].shape[:2]
+        D = sum(int(np.prod(x.shape[2:])) for x in leaves)
+        R = sum((x.reshape(E, P, -1) ** 2).sum(-1) for x in leaves) / p.prior_scale**2
+        limit = 1e8 * D * max(1.0, (p.init_scale / p.prior_scale) ** 2, p.gamma * p.prior_scale**2)
+        assert R.max() < margin * limit, (R.max(), limit)

@@ -63,3 +63,49 @@ def test_pytree_positions_get_independent_noise():
     key = jax.random.key(3)
     draws = langevin.gaussian_like(key, {"a": jnp.zeros(4), "b": jnp.zeros(4)})
     assert not np.allclose(np.asarray(draws["a"]), np.asarray(draws["b"]))
+
+
+def test_float64_runaway_is_flagged_by_the_region_test_before_it_overflows():
+    # |1 - h lambda| = 1.5: in float64 the chain grows like 1.5^T (1e35 after 200 steps)
+    # and never overflows, so only the escape test can catch it.
+    lam, h, dim, gamma, s0, s_init = 25.0, 0.1, 4, 20.0, 1.0, 1.0
+    with jax.enable_x64(True):
+        w0 = jnp.ones(dim, jnp.float64)
+        plain = _quadratic_kernel(jnp.eye(dim) * lam, jnp.zeros(dim), h)
+        noise = jnp.zeros(dim, jnp.float64)          # deterministic: w_t = (1 - h lam)^t w0
+        state = plain.init(w0)
+        for t in range(200):
+            state, _ = plain.update(state, noise, jnp.int32(t))
+        assert not bool(state.diverged)                # finite garbage without the test
+        assert np.isfinite(np.asarray(state.position)).all()
+        assert abs(float(state.position[0])) > 1e30
+
+        limit = langevin.escape_limit(w0, gamma, s0, s_init)
+        # the documented limit, computed here independently
+        expected = 1e8 * dim * max(1.0, (s_init / s0) ** 2, gamma * s0**2)
+        assert float(limit) == expected
+        guarded = langevin.build_kernel(lambda w, _: lam * w, langevin.schedule("constant", h, 1),
+                                        escaped=langevin.region_test(s0, limit))
+        state = guarded.init(w0)
+        for t in range(200):
+            state, _ = guarded.update(state, noise, jnp.int32(t))
+    # R_t = (1 - h lam)^(2 (t + 1)) dim / s0^2 after step t: the first step above the limit
+    R = [(1 - h * lam) ** (2 * (t + 1)) * dim / s0**2 for t in range(200)]
+    first = next(t for t, r in enumerate(R) if r > expected)
+    assert bool(state.diverged) and int(state.diverged_step) == first
+    # frozen at the last state inside the region, exactly as for a non-finite proposal
+    np.testing.assert_allclose(np.asarray(state.position), (1 - h * lam) ** first * np.ones(dim),
+                               rtol=1e-12)
+
+
+def test_prior_normalised_norm_uses_per_leaf_scales():
+    tree = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([[3.0]])}
+    scales = {"a": 2.0, "b": 0.5}
+    R = langevin.prior_normalised_sq_norm(tree, 2.0, scales)
+    assert float(R) == (1 + 4) / (4 * 4) + 9 / (4 * 0.25)
+    limit = langevin.escape_limit(tree, gamma=3.0, prior_scale=2.0, init_scale=1.0, leaf_scales=scales)
+    assert float(limit) == 1e8 * 3 * max(1.0, 0.25, 3.0 * 4 * 4)
+    assert bool(langevin.region_test(2.0, 1.0, scales)(tree))          # R > 1
+    assert not bool(langevin.region_test(2.0, 10.0, scales)(tree))
+    assert bool(langevin.region_test(2.0, 10.0, scales)({"a": jnp.array([np.nan, 0.0]),
+                                                          "b": jnp.zeros((1, 1))}))

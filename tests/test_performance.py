@@ -141,9 +141,8 @@ for i, cfg in enumerate(json.loads(sys.argv[1])):
 """
 
 SPREAD = [{**SMALL_G, "num_datasets": 4},                                # datasets split
-          {**SMALL_G, "num_datasets": 3, "num_particles": 12},           # particles split (3 a device)
           {**SMALL_G, "num_datasets": 3, "num_particles": 12, "dtype": "float64",
-           "particle_chunk": 8},                                         # + chunks, float64
+           "particle_chunk": 8},                                         # particles split, chunks, float64
           {**MLP_G, "num_datasets": 3, "num_particles": 12}]             # an MLP, particles split
 
 

@@ -11,6 +11,8 @@ from kdsim import populations
 from kdsim.io import NPZ_NAME, JSON_NAME, ResultFileError
 from kdsim.tasks import linear_gaussian as lg
 
+from helpers import assert_never_flagged
+
 SMALL = {"task": {"d": 3, "k": 2, "n": 16}, "teacher": {"num_steps": 40},
          "num_datasets": 3, "num_particles": 64}
 
@@ -124,6 +126,8 @@ def test_float64_engine_same_datasets_close_values():
     r32 = kdsim.run_populations(SMALL)
     r64 = kdsim.run_populations({**SMALL, "dtype": "float64"})
     np.testing.assert_array_equal(r32.data.X, r64.data.X)
+    assert_never_flagged(r32)       # the escape test never fires on healthy chains
+    assert_never_flagged(r64)
     assert r64.populations.teacher.dtype == np.float64
     assert r32.populations.teacher.dtype == np.float32
 
@@ -133,6 +137,8 @@ def test_monte_carlo_matches_exact_at_default_shape():
     res = kdsim.simulate({"teacher": {"num_steps": 300}, "num_datasets": 8, "num_particles": 512,
                           "student": {"alpha": 0.3, "teacher_noise": 0.5}})
     df = res.per_dataset
+    assert (df["diverged_T"] == 0).all() and (df["diverged_S"] == 0).all()
+    assert (df["diverged_scratch"] == 0).all()
     from kdsim.stats import bonferroni_z
     z = np.concatenate([((df[c] - df[c + "_exact"]) / df[c + "_se"]).to_numpy()
                         for c in ("gen_T", "gen_S", "klpred_convexity")])

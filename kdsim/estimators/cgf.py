@@ -27,6 +27,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 from scipy.special import logsumexp
 
+from ..stats import per_dataset
+
 GRID_SIZE = 64
 GRID_SPAN = (1e-3, 1e2)
 
@@ -79,7 +81,12 @@ def _chi(x: np.ndarray) -> np.ndarray:
 
 def exact_terms(M_T: np.ndarray, Sigma_T: np.ndarray, Cxx: np.ndarray, Cyx: np.ndarray,
                 W_star: np.ndarray, sx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``(kappa, A)`` of the exact CGF, each ``(E, d)``, for teacher laws ``(M_T, Sigma_T)``."""
+    """``(kappa, A)`` of the exact CGF, each ``(E, d)``, for teacher laws ``(M_T, Sigma_T)``;
+    NaN for a dataset whose laws are not finite or whose eigendecomposition fails."""
+    return per_dataset(lambda M, S, C, B: _exact_terms(M, S, C, B, W_star, sx), M_T, Sigma_T, Cxx, Cyx)
+
+
+def _exact_terms(M_T, Sigma_T, Cxx, Cyx, W_star, sx):
     vals, vecs = np.linalg.eigh(Sigma_T)
     root = (vecs * np.sqrt(np.clip(vals, 0, None))[..., None, :]) @ np.swapaxes(vecs, -1, -2)
     Hg = np.diag(sx)[None] - Cxx

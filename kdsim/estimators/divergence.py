@@ -31,6 +31,17 @@ class NotApplicable(ValueError):
 def _gaussian_kl(m0, S0, m1, S1) -> float:
     """KL(N(m0, S0) || N(m1, S1)); +inf if S0 is singular (a degenerate student)."""
     p = m0.shape[-1]
+    if not (np.isfinite(S0).all() and np.isfinite(S1).all() and np.isfinite(m0).all()
+            and np.isfinite(m1).all()):
+        raise NotApplicable("the particles' moments are not finite")
+    try:
+        return _gaussian_kl_finite(m0, S0, m1, S1, p)
+    except np.linalg.LinAlgError:
+        raise NotApplicable("the teacher particles' covariance is not positive definite "
+                            "(too ill-conditioned for a Cholesky factor)") from None
+
+
+def _gaussian_kl_finite(m0, S0, m1, S1, p: int) -> float:
     L1 = np.linalg.cholesky(S1)
     ev0 = np.linalg.eigvalsh(S0)
     if ev0[0] <= 1e-12 * max(ev0[-1], 1e-300):

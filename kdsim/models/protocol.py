@@ -226,6 +226,13 @@ def prepare(obj, *, role: str, input_shape: tuple, out: int, dtype, bias_scale: 
     when ``init`` fails, a leaf is not floating point, ``apply`` fails on inputs
     ``(m, *input_shape)``, or its output is not ``(m, out)``.
     """
+    with jax.enable_x64(jnp.dtype(dtype) == jnp.float64):
+        return _prepare(obj, role=role, input_shape=input_shape, out=out, dtype=dtype,
+                        bias_scale=bias_scale, what_out=what_out)
+
+
+def _prepare(obj, *, role: str, input_shape: tuple, out: int, dtype, bias_scale: float,
+             what_out: str) -> Prepared:
     model = as_model(obj, input_shape, dtype)
     label = f"{role} ({model.name or type(model.apply).__name__})"
     try:
