@@ -121,8 +121,8 @@ def _write_manifest(out: str, config: SimConfig, grid: Mapping[str, Sequence[Any
         old = read_manifest(out)
         if old["base"] != manifest["base"] or old["grid"] != manifest["grid"] \
                 or old.get("models", {}) != manifest["models"]:
-            raise SweepError(f"{out} holds a different sweep (base config, grid, models or "
-                             "pool differ); choose another --out folder")
+            raise SweepError(f"{out} holds a different sweep (base config, grid, pool or "
+                             "models differ); choose another --out folder")
         return
     os.makedirs(os.path.join(out, "points"), exist_ok=True)
     io.atomic_write_bytes(path, json.dumps(io._jsonable(manifest), indent=1).encode())

@@ -283,7 +283,7 @@ def test_sweep_on_a_user_pool_same_structure_girsanov_and_no_mixing(tmp_path, mo
     hB = sweep_mod.point_hash(cfg, {"data": (XB, YB)})
     assert hA != hB and hA == sweep_mod.point_hash(cfg, {"data": (jnp.asarray(XA), jnp.asarray(YA))})
     # resuming the store with another pool is refused; with the same pool nothing reruns
-    with pytest.raises(kdsim.SweepError, match="models or pool differ"):
+    with pytest.raises(kdsim.SweepError, match="pool or models differ"):
         kdsim.sweep(cfg, {"seed": [0]}, out=out, data=(XB, YB))
     calls = []
     monkeypatch.setattr(sweep_mod, "simulate", lambda *a, **k: calls.append(1))
