@@ -9,12 +9,17 @@ scale c), the teacher channel noise nu_T and the temperature tau, and writes
   which bound is tightest;
 - PNG figures in ``benchmarks/results/``: bounds against the true gap across n (log-log,
   95% CI bands), slack against alpha, the tightness radius rho0 against the teacher's
-  flatness, the four-term decomposition against the rank (stacked).
+  flatness, the four-term decomposition against the rank (stacked);
+- real data (pool tasks, SPEC §9 "Data"; needs ``pip install "kdsim[data]"``):
+  ``benchmarks/results/bound_tightness_real.md`` and ``real_data_bounds.png``: on the
+  digits pool, the student's width, alpha and n (MLP teacher); on MNIST-1D, a CNN
+  teacher distilled into MLP students of several widths. Run them alone with
+  ``--only digits_width digits_alpha digits_n mnist1d_cnn``.
 
 Every sweep point is stored (``--store``, default ``runs/bound_tightness``) the moment it
 finishes, so an interrupted run resumes where it stopped.
 
-    python benchmarks/bound_tightness.py --quick   # reduced grid, < 15 min on 2 CPU cores
+    python benchmarks/bound_tightness.py --quick   # reduced grid, < 20 min on 2 CPU cores
     python benchmarks/bound_tightness.py           # full grid: meant for a GPU (about an
                                                    # hour on one; many hours on 2 CPU cores)
 """
@@ -36,6 +41,7 @@ from kdsim.result import markdown
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 UPPER = ["B0_upper", "B1_upper", "B3_upper"]
+REAL = ("digits_width", "digits_alpha", "digits_n", "mnist1d_cnn")
 LOWER = ["B0_lower", "B2_lower"]
 
 
@@ -61,6 +67,36 @@ def regimes(quick: bool) -> dict[str, tuple[dict, dict]]:
         "tau": ({**mlp, "task": {**mlp["task"], "name": "mlp_classification"},
                  "student": {"model": {"width": 64}, "alpha": 0.2}},
                 {"student.temperature": g([1.0, 4.0], [0.5, 1.0, 2.0, 4.0])}),
+        **real_regimes(quick),
+    }
+
+
+def real_regimes(quick: bool) -> dict[str, tuple[dict, dict]]:
+    """Pool tasks: mu uniform on the pool, exact population risks (no test-set noise).
+
+    Digits: MLP teacher of width 32; a student of width 32 has the teacher's structure
+    (Girsanov, parameter-space bounds), a narrower one gets the function-space bounds.
+    MNIST-1D: a 1D CNN teacher (vmapped convolutions are slow on CPU: kept small).
+    """
+    E, P, T = (4, 32, 300) if quick else (16, 64, 2000)
+    Ec, Pc, Tc = (2, 16, 150) if quick else (8, 64, 1000)
+    g = (lambda q, f: q if quick else f)
+    digits = {"num_datasets": E, "num_particles": P,
+              "task": {"name": "pool", "source": "digits", "n": 128},
+              "teacher": {"num_steps": T, "step_size": 5e-3, "model": {"width": 32}},
+              "student": {"alpha": 0.3, "temperature": 2.0, "model": {"width": 8}},
+              "estimators": {"power_iterations": 10, "hutchinson_probes": 8}}
+    mnist1d = {"num_datasets": Ec, "num_particles": Pc,
+               "task": {"name": "pool", "source": "mnist1d", "n": 128},
+               "teacher": {"num_steps": Tc, "step_size": 1e-2,
+                           "model": {"kind": "cnn", "channels": 4, "kernel_size": 5}},
+               "student": {"alpha": 0.3, "temperature": 2.0},
+               "estimators": {"power_iterations": 10, "hutchinson_probes": 8, "curvature_points": 4}}
+    return {
+        "digits_width": (digits, {"student.model.width": g([8, 32], [4, 8, 16, 32])}),
+        "digits_alpha": (digits, {"student.alpha": g([0.0, 0.5, 1.0], [0.0, 0.25, 0.5, 0.75, 1.0])}),
+        "digits_n": (digits, {"task.n": g([64, 256], [32, 64, 128, 256, 512])}),
+        "mnist1d_cnn": (mnist1d, {"student.model.width": g([8, 32], [8, 16, 32, 64])}),
     }
 
 
@@ -188,12 +224,55 @@ def fig_rank(table, path):
     plt.close(fig)
 
 
-def stored_compute_seconds(store: str) -> float:
+def fig_real(tables, path):
+    """Real data: the true student gap and the upper bounds per point, one panel a regime
+    (parameter-space bounds where the student has the teacher's structure, else the
+    function-space ones; dataset means, 95% CI)."""
+    plt = _pyplot()
+    names = [n for n in REAL if n in tables]
+    fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), constrained_layout=True,
+                             squeeze=False)
+    for ax, name in zip(axes[0], names):
+        table = tables[name]
+        field = next(c for c in table.columns if c not in ("point", "dataset"))
+        xs = sorted(table[field].unique())
+        pos = np.arange(len(xs))
+        series = {}
+        for i, v in enumerate(xs):
+            sub = table[table[field] == v]
+            prefix = bound_space(sub)
+            for col, label in ([(prefix and "gen_S_F" or "gen_S", "true gap")]
+                               + [(prefix + b, b.replace("_upper", "")) for b in UPPER]):
+                if col in sub and np.isfinite(sub[col]).any():
+                    vals = sub[col].dropna()
+                    ci = 1.96 * vals.std(ddof=1) / np.sqrt(len(vals)) if len(vals) > 1 else 0.0
+                    series.setdefault(label, []).append((i, vals.mean(), ci, prefix))
+        for j, (label, pts) in enumerate(series.items()):
+            i, m, ci, pre = map(list, zip(*pts))
+            style = dict(color="k", marker="s") if label == "true gap" else \
+                dict(color=BOUND_STYLE[label + "_upper"][2], marker=BOUND_STYLE[label + "_upper"][1])
+            ax.errorbar(np.array(i) + 0.04 * (j - 1), m, yerr=ci, fmt="-", capsize=3, label=label, **style)
+        spaces = ["F" if (bound_space(table[table[field] == v]) == "F_") else "param" for v in xs]
+        ax.set_xticks(pos, [f"{v:g}\n({s})" for v, s in zip(xs, spaces)])
+        ax.set_yscale("log")          # gaps and bounds here are positive (a non-positive one is not drawn)
+        ax.set_xlabel(f"{field} (bound space)")
+        ax.set_title(name.replace("_", " "))
+        ax.legend(fontsize=7)
+    axes[0][0].set_ylabel("true gap, upper bounds (dataset mean)")
+    fig.suptitle("Real data (pool tasks): upper bounds against the exact-risk student gap "
+                 "(param: cross-entropy; F: categorical channel)")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def stored_compute_seconds(store: str, names=None) -> float:
     """Sum of the run times recorded in the stored points (resumed runs read them back)."""
     import glob
     import json
     total = 0.0
     for path in glob.glob(os.path.join(store, "*", "points", "*", "result.json")):
+        if names is not None and path[len(store):].strip(os.sep).split(os.sep)[0] not in names:
+            continue
         with open(path) as fh:
             total += float(json.load(fh)["meta"].get("total_seconds", 0.0))
     return total
@@ -218,7 +297,6 @@ def main() -> None:
         field = next(iter(grid))
         summaries.append(summarize_regime(name, tables[name], field))
         print(f"{name}: {len(grid[field])} points in {time.time() - t:.0f} s", flush=True)
-    compute = stored_compute_seconds(store)
     figs = {"n": ("bounds_vs_n.png", fig_n), "alpha": ("slack_vs_alpha.png", fig_alpha),
             "flatness": ("rho0_vs_flatness.png", fig_flatness), "rank": ("decomposition_vs_rank.png", fig_rank)}
     written = []
@@ -226,32 +304,65 @@ def main() -> None:
         if name in tables:
             fn(tables[name], os.path.join(args.results, fname))
             written.append(fname)
+    synthetic = [s for s in summaries if s["regime"].iloc[0] not in REAL]
+    real = [s for s in summaries if s["regime"].iloc[0] in REAL]
+    if synthetic:
+        names = [n for n in tables if n not in REAL]
+        write_table(args, t0, tables, names, synthetic, written, store, "bound_tightness.md",
+                    "# Bound tightness and validity across regimes", SYNTHETIC_TEXT)
+    if real:
+        names = [n for n in tables if n in REAL]
+        fig_real(tables, os.path.join(args.results, "real_data_bounds.png"))
+        write_table(args, t0, tables, names, real, ["real_data_bounds.png"], store,
+                    "bound_tightness_real.md", "# Bound tightness on real data (pool tasks)", REAL_TEXT)
+
+
+SYNTHETIC_TEXT = (
+    "Linear task: d = 8, k = 2, n = 64, alpha = 0.3 unless swept; truth = the exact "
+    "finite-time gap; bounds use the exact KL and CGF. Rank-r students have an infinite "
+    "parameter-space KL, so their rows report the function-space bounds (`space`). MLP "
+    "rows: teacher width 64, Girsanov KL (same width) or function space (narrower), "
+    "empirical CGF, Monte Carlo truth. ")
+REAL_TEXT = (
+    "Pool tasks (SPEC §9 \"Data\"): mu is uniform on the pool, each dataset n i.i.d. draws "
+    "from it, and the population risk is the exact pool average, so the truth has Monte "
+    "Carlo error over particles only (`true gen_S`: the cross-entropy gap `gen_S` in "
+    "parameter space, the categorical-channel gap `gen_S_F` in function space). Digits (1,797 8x8 "
+    "images, standardised): MLP teacher of width 32, n = 128, alpha = 0.3, tau = 2 unless "
+    "swept; a student of width 32 shares the teacher's structure (Girsanov KL, parameter "
+    "space), narrower ones get the function-space bounds (`space`). MNIST-1D (5,000 "
+    "sequences of length 40): a 1D CNN teacher (4 channels, kernel 5) distilled into MLP "
+    "students: function space only. Empirical CGF. ")
+COMMON_TEXT = (
+    "Slack = bound - true gap (upper) or true gap - bound (lower), dataset means; "
+    "`slack/B0` is relative to the B0 (Donsker-Varadhan) slack; `valid` is the fraction of "
+    "datasets where the bound holds (3 se); `tightest upper` is the smallest-slack upper "
+    "bound valid on every dataset.")
+
+
+def write_table(args, t0, tables, names, summaries, written, store, fname, title, text):
+    compute = stored_compute_seconds(store, names)
     summary = pd.concat(summaries, ignore_index=True).set_index(["regime", "value"])
     cols_main = ["space", "true gen_S"] + [c for b in UPPER + LOWER for c in (b, b + " slack")
                                            if c in summary] + ["tightest upper"]
     cols_rel = [c for b in UPPER for c in (b + " slack/B0",) if c in summary] + \
         [b + " valid" for b in UPPER + LOWER if b + " valid" in summary]
+    only = "" if fname == "bound_tightness.md" else " --only " + " ".join(names)
     lines = [
-        "# Bound tightness and validity across regimes", "",
+        title, "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, JAX {jax.__version__} on "
         f"{jax.devices()[0].platform}; kdsim {kdsim.io.kdsim_version()}; "
-        f"{'quick' if args.quick else 'full'} grid; compute time of the {sum(len(t['point'].unique()) for t in tables.values())} "
+        f"{'quick' if args.quick else 'full'} grid; compute time of the "
+        f"{sum(len(tables[n]['point'].unique()) for n in names)} "
         f"points {compute:.0f} s (sum of their stored run times; this invocation "
         f"{time.time() - t0:.0f} s, finished points are read back from the store).", "",
-        f"Reproduce: `python benchmarks/bound_tightness.py{' --quick' if args.quick else ''}`.",
-        "", "Linear task: d = 8, k = 2, n = 64, alpha = 0.3 unless swept; truth = the exact "
-        "finite-time gap; bounds use the exact KL and CGF. Rank-r students have an infinite "
-        "parameter-space KL, so their rows report the function-space bounds (`space`). MLP "
-        "rows: teacher width 64, Girsanov KL (same width) or function space (narrower), "
-        "empirical CGF, Monte Carlo truth. Slack = bound - true gap (upper) or true gap - "
-        "bound (lower), dataset means; `slack/B0` is relative to the B0 (Donsker-Varadhan) "
-        "slack; `valid` is the fraction of datasets where the bound holds (3 se); `tightest "
-        "upper` is the smallest-slack upper bound valid on every dataset.", "",
+        f"Reproduce: `python benchmarks/bound_tightness.py{' --quick' if args.quick else ''}{only}`.",
+        "", text + COMMON_TEXT, "",
         "## Values and slack", "", markdown(summary[cols_main].reset_index(level=1)), "",
         "## Slack relative to B0, and validity rates", "",
         markdown(summary[cols_rel].reset_index(level=1)), "",
         "## Figures", ""] + [f"![{f}]({f})" for f in written]
-    with open(os.path.join(args.results, "bound_tightness.md"), "w") as fh:
+    with open(os.path.join(args.results, fname), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines))
 

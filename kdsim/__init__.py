@@ -27,9 +27,11 @@ from .models import Model, ModelError, from_linen, from_nnx
 from .result import Result, load_result
 from .simulate import DivergenceError, run_populations, simulate
 from .sweep import SweepError, load_sweep, ray_executor, sweep
+from .tasks.sources import DataError
 
 __all__ = [
     "ConfigError",
+    "DataError",
     "DivergenceError",
     "EstimatorsConfig",
     "LangevinConfig",

@@ -25,7 +25,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-TASKS = ("linear_gaussian", "mlp_regression", "mlp_classification")
+TASKS = ("linear_gaussian", "mlp_regression", "mlp_classification", "pool")
+POOL_SOURCES = ("digits", "mnist1d", "arrays")
+POOL_KINDS = ("classification", "regression")
+SAMPLINGS = ("iid", "without_replacement")
 ACTIVATIONS = ("tanh", "relu", "gelu", "softplus", "sigmoid", "identity")
 MODEL_KINDS = ("mlp", "cnn")
 SCHEDULES = ("constant", "polynomial", "cosine")
@@ -128,6 +131,48 @@ class _Choice:
 
 
 @dataclass(frozen=True)
+class _IntList:
+    """A list of distinct integers in ``[lo, hi]`` (at least ``min_len``), or null."""
+
+    lo: int = 0
+    hi: int = 1 << 30
+    min_len: int = 1
+
+    def __call__(self, v: Any) -> tuple[int, ...] | None:
+        if v is None:
+            return None
+        if isinstance(v, (str, bytes, Mapping)) or not isinstance(v, (list, tuple)):
+            raise ValueError(f"must be {self.describe()}")
+        out = []
+        for x in v:
+            if isinstance(x, bool) or not isinstance(x, int) or not self.lo <= x <= self.hi:
+                raise ValueError(f"must be {self.describe()}")
+            out.append(int(x))
+        if len(out) < self.min_len or len(set(out)) != len(out):
+            raise ValueError(f"must be {self.describe()}")
+        return tuple(out)
+
+    def describe(self) -> str:
+        return (f"a list of at least {self.min_len} distinct integers in [{self.lo}, {self.hi}] "
+                "or null")
+
+
+@dataclass(frozen=True)
+class _Path:
+    """A non-empty file path string, or null."""
+
+    def __call__(self, v: Any) -> str | None:
+        if v is None:
+            return None
+        if not isinstance(v, str) or not v or "\x00" in v:
+            raise ValueError(f"must be {self.describe()}")
+        return v
+
+    def describe(self) -> str:
+        return "a file path (a non-empty string) or null"
+
+
+@dataclass(frozen=True)
 class _Bool:
     def __call__(self, v: Any) -> bool:
         if not isinstance(v, bool):
@@ -180,7 +225,8 @@ class _Validated:
 @dataclass(frozen=True)
 class TaskConfig(_Validated):
     name: str = _f("linear_gaussian", _Choice(TASKS), static=True,
-                    doc="the task: linear Gaussian case study (closed forms) or a planted-MLP task")
+                    doc="the task: linear Gaussian case study (closed forms), a planted-MLP task, "
+                        "or a pool of real data / user arrays")
     d: int = _f(8, _Int(1, 65536), static=True, doc="input dimension")
     k: int = _f(2, _Int(1, 4096), static=True, doc="output dimension k (regression)")
     n: int = _f(64, _Int(1, 1 << 24), static=True, doc="training points n per dataset")
@@ -199,6 +245,18 @@ class TaskConfig(_Validated):
                              doc="hidden width of the planted network f* (MLP tasks)")
     planted_scale: float = _f(2.0, _Float(ge=0.0), static=False,
                                doc="output scale of the planted network f* (MLP tasks)")
+    source: str = _f("digits", _Choice(POOL_SOURCES), static=True,
+                     doc="pool task: the built-in pool (digits, mnist1d) or user arrays")
+    kind: str = _f("classification", _Choice(POOL_KINDS), static=True,
+                   doc="pool task: int labels (classification) or float targets (regression)")
+    classes: tuple[int, ...] | None = _f(None, _IntList(0, 1 << 30, 2), static=True,
+                                         doc="pool task: labels to keep, relabelled 0..K-1 "
+                                             "(null = all)")
+    sampling: str = _f("iid", _Choice(SAMPLINGS), static=True,
+                       doc="pool task: n draws with replacement (iid, the exact theory) or "
+                           "without_replacement (breaks the exact i.i.d. guarantee)")
+    path: str | None = _f(None, _Path(), static=True,
+                          doc="pool task: an .npz file with arrays X, Y (source = arrays, CLI)")
 
 
 @dataclass(frozen=True)
@@ -362,10 +420,20 @@ class SimConfig(_Validated):
             raise ConfigError(
                 f"estimators.bound_divergence = 'knn' needs num_particles >= estimators.knn_k + 2 "
                 f"= {est.knn_k + 2}, got {self.num_particles}")
-        if t.name == "mlp_classification" and s.teacher_noise != 0.0:
+        if is_classification(t) and s.teacher_noise != 0.0:
             raise ConfigError(
-                "student.teacher_noise must be 0 for mlp_classification (soft labels are "
-                f"already distributions), got {s.teacher_noise!r}")
+                f"student.teacher_noise must be 0 for {t.name} "
+                f"{'(classification) ' if t.name == 'pool' else ''}(soft labels are already "
+                f"distributions), got {s.teacher_noise!r}")
+        if t.name == "pool":
+            if t.source != "arrays" and t.kind != "classification":
+                raise ConfigError(f"task.kind must be 'classification' for the built-in pool "
+                                  f"{t.source!r}, got {t.kind!r}")
+            if t.classes is not None and t.kind != "classification":
+                raise ConfigError("task.classes applies to classification pools only "
+                                  "(task.kind = 'regression')")
+            if t.path is not None and t.source != "arrays":
+                raise ConfigError(f"task.path needs task.source = 'arrays', got {t.source!r}")
 
     # ---------------------------------------------------------------- (de)serialisation
     @classmethod
@@ -575,6 +643,8 @@ def _toml_value(v: Any) -> str:
         return repr(v)
     if isinstance(v, str):
         return json.dumps(v)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {v!r} to TOML")
 
 
@@ -642,6 +712,10 @@ class Static(NamedTuple):
     student_kernel_size: int
     teacher_schedule: str
     student_schedule: str
+    classification: bool = False   # labels are classes (mlp_classification, classification pools)
+    input_shape: tuple = ()        # one model input's shape (pool tasks: set from the pool)
+    pool_size: int = 0             # N (pool tasks: set from the pool)
+    sampling: str = "iid"          # pool tasks: how a dataset draws from the pool
 
 
 class LangevinNumeric(NamedTuple):
@@ -705,9 +779,15 @@ def girsanov_obstacle(cfg: "SimConfig", teacher: LangevinNumeric, student: Lange
     return ""
 
 
+def is_classification(task: TaskConfig) -> bool:
+    """Whether a task's labels are classes (cross-entropy / 0-1) rather than targets."""
+    return task.name == "mlp_classification" or (task.name == "pool"
+                                                  and task.kind == "classification")
+
+
 def default_gamma(task: TaskConfig) -> float:
     """SPEC default inverse temperature: the Bayesian posterior ``n / nu^2`` (classification: n)."""
-    if task.name == "mlp_classification":
+    if is_classification(task):
         return float(task.n)
     return task.n / task.noise**2
 
@@ -781,7 +861,8 @@ def resolve(cfg: SimConfig) -> Resolved:
         teacher_kind=t.model.kind, student_kind=s.model.kind, teacher_channels=t.model.channels,
         teacher_kernel_size=t.model.kernel_size, student_channels=s.model.channels,
         student_kernel_size=s.model.kernel_size, teacher_schedule=t.schedule,
-        student_schedule=sl.schedule or t.schedule)
+        student_schedule=sl.schedule or t.schedule, classification=is_classification(task),
+        input_shape=(task.d,), sampling=task.sampling)
     numeric = Numeric(
         teacher=teacher, student=student, alpha=s.alpha, teacher_noise=s.teacher_noise,
         temperature=s.temperature, noise=task.noise, input_scale=task.input_scale,

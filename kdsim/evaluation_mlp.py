@@ -28,6 +28,7 @@ from .models import same_structure
 from .stats import mean_se
 from .tasks import mlp as mlp_task
 from .timing import single_threaded_blas, timer_or_null
+from .tasks import pool as pool_task
 
 CHUNK = 8   # particles evaluated at once per dataset (bounds memory on large test sets)
 
@@ -37,24 +38,33 @@ def particle_metrics(params, X, Y, X_test, Y_test, *, apply, classification):
     """Per particle: mean train / test loss (and 0-1), and predictions on the training inputs.
 
     Args:
-      params: pytree, leaves ``(E, P, ...)``; X ``(E, n, d)``; X_test ``(E, m, d)``.
+      params: pytree, leaves ``(E, P, ...)``; X ``(E, n, d)``; X_test ``(E, m, d)``, or a
+        pool task's :class:`kdsim.tasks.pool.Blocks` (shared by every dataset; then the
+        test losses are the exact pool averages and ``Y_test`` is None).
     Returns:
       dict of ``(E, P)`` arrays and ``"F"``: ``(E, P, n, out)``.
     """
+    pooled = isinstance(X_test, pool_task.Blocks)
+
     def per_dataset(w_e, X_e, Y_e, Xt_e, Yt_e):
         def one(w):
             f = apply(w, X_e)
-            ft = apply(w, Xt_e)
-            out = {"train": losses.task_risk(f, Y_e, classification),
-                   "test": losses.task_risk(ft, Yt_e, classification), "F": f}
+            out = {"train": losses.task_risk(f, Y_e, classification), "F": f}
             if classification:
                 out["train_01"] = jnp.mean(jax.vmap(losses.zero_one)(f, Y_e))
+            if pooled:
+                out.update(pool_task.pool_risk(apply, w, Xt_e, classification))
+                return out
+            ft = apply(w, Xt_e)
+            out["test"] = losses.task_risk(ft, Yt_e, classification)
+            if classification:
                 out["test_01"] = jnp.mean(jax.vmap(losses.zero_one)(ft, Yt_e))
             return out
 
         return jax.lax.map(one, w_e, batch_size=CHUNK)
 
-    return jax.vmap(per_dataset)(params, X, Y, X_test, Y_test)
+    test_axis = None if pooled else 0
+    return jax.vmap(per_dataset, in_axes=(0, 0, 0, test_axis, test_axis))(params, X, Y, X_test, Y_test)
 
 
 @partial(jax.jit, static_argnames=("apply",))
@@ -72,12 +82,16 @@ def _mlp_sharpness(centres, points, rho, X, Y, X_test, Y_test, v_top, probes, v_
     Args:
       centres: pytree ``(E, ...)``; points: pytree ``(E, Q, ...)`` teacher particles;
       v_top ``(E, 2, p)``, probes ``(E, S, p)``, v_gap ``(E, Q + 1, p)``: random starts.
+      X_test may be a pool's :class:`kdsim.tasks.pool.Blocks` (as for :func:`particle_metrics`).
     """
     risk = lambda w, X, Y: losses.task_risk(apply(w, X), Y, classification)
+    pooled = isinstance(X_test, pool_task.Blocks)
+    test_risk = ((lambda w, Xt, Yt: pool_task.pool_risk(apply, w, Xt, classification)["test"])
+                 if pooled else risk)
 
     def one(c, pts, r, X_e, Y_e, Xt_e, Yt_e, v_top, probes, v_gap):
         loss = lambda w: risk(w, X_e, Y_e)
-        gap = lambda w: risk(w, Xt_e, Yt_e) - risk(w, X_e, Y_e)
+        gap = lambda w: test_risk(w, Xt_e, Yt_e) - risk(w, X_e, Y_e)
         top = sharpness.top_eigenvalue(loss, c, num_iters=num_iters, v0=v_top)
         trace, trace_se = sharpness.hutchinson_trace(loss, c, probes=probes)
         G = sharpness.gradient_norm(gap, c)
@@ -88,7 +102,9 @@ def _mlp_sharpness(centres, points, rho, X, Y, X_test, Y_test, v_top, probes, v_
         sam = sharpness.sam_sharpness(loss, c, r)
         return top, trace, trace_se, G, S, sam
 
-    return jax.vmap(one)(centres, points, rho, X, Y, X_test, Y_test, v_top, probes, v_gap)
+    t = None if pooled else 0
+    return jax.vmap(one, in_axes=(0, 0, 0, 0, 0, t, t, 0, 0, 0))(
+        centres, points, rho, X, Y, X_test, Y_test, v_top, probes, v_gap)
 
 
 def _take(tree, e: int, idx=None) -> np.ndarray:
@@ -112,7 +128,7 @@ def mlp_columns(run, timer=None) -> ev.Evaluation:
 def _mlp_columns(run, timer) -> ev.Evaluation:
     res: Resolved = run.resolved
     st, nm, cfg, data, pops = res.static, res.numeric, run.config, run.data, run.populations
-    classification = st.task == "mlp_classification"
+    classification = st.classification
     E, P = st.num_datasets, st.num_particles
     teacher_model, student_model = run.models
     dtype = jnp.dtype(st.dtype)
@@ -130,9 +146,12 @@ def _mlp_columns(run, timer) -> ev.Evaluation:
 
     with jax.enable_x64(st.dtype == "float64"):
         X = jnp.asarray(data.X, dtype)
-        Xt = jnp.asarray(data.X_test, dtype)
         Y = jnp.asarray(data.Y) if classification else jnp.asarray(data.Y, dtype)
-        Yt = jnp.asarray(data.Y_test) if classification else jnp.asarray(data.Y_test, dtype)
+        if st.task == "pool":      # the exact population risk: the whole pool, block by block
+            Xt, Yt = pool_task.blocks(data.pool, dtype), None
+        else:
+            Xt = jnp.asarray(data.X_test, dtype)
+            Yt = jnp.asarray(data.Y_test) if classification else jnp.asarray(data.Y_test, dtype)
         metric = lambda params, model: jax.tree_util.tree_map(
             lambda x: np.asarray(x, np.float64),
             particle_metrics(jax.tree_util.tree_map(jnp.asarray, params), X, Y, Xt, Yt,
@@ -204,14 +223,18 @@ def _function_space(run, ok, usable, F_T, F_S, ball: "Ball", teacher_model, stud
     from . import function_space as fs
     res: Resolved = run.resolved
     st, nm, cfg, data, pops = res.static, res.numeric, run.config, run.data, run.populations
-    classification = st.task == "mlp_classification"
+    classification = st.classification
     out = st.num_classes if classification else st.k
     root = streams.root_key(cfg.seed)
     gx, gy = fs.ghost_streams(root)
-    Xg, Yg = mlp_task._sample(gx, gy, jnp.arange(st.num_datasets, dtype=jnp.uint32),
-                              jnp.asarray(data.A), jnp.asarray(data.B), jnp.float32(nm.planted_scale),
-                              jnp.float32(nm.noise), n=res.ghost_points, out=out,
-                              classification=classification)
+    if st.task == "pool":          # fresh i.i.d. draws from mu = uniform on the pool
+        Xg, Yg, _ = pool_task.ghost_points(gx, np.arange(st.num_datasets), data.pool,
+                                           res.ghost_points)
+    else:
+        Xg, Yg = mlp_task._sample(gx, gy, jnp.arange(st.num_datasets, dtype=jnp.uint32),
+                                  jnp.asarray(data.A), jnp.asarray(data.B), jnp.float32(nm.planted_scale),
+                                  jnp.float32(nm.noise), n=res.ghost_points, out=out,
+                                  classification=classification)
     ghost = fs.Ghost(np.asarray(Xg), np.asarray(Yg))
     dtype = jnp.dtype(st.dtype)
     with jax.enable_x64(st.dtype == "float64"):

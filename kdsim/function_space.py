@@ -209,7 +209,7 @@ def columns(run, ok: np.ndarray, usable: np.ndarray, pred_T: Predictions, pred_S
     """
     res: Resolved = run.resolved
     st, nm, est = res.static, res.numeric, run.config.estimators
-    classification = st.task == "mlp_classification"
+    classification = st.classification
     E, P = st.num_datasets, st.num_particles
     n, m = st.n, res.ghost_points
     R = est.channel_draws

@@ -38,7 +38,7 @@ def parameter_count(res: Resolved) -> tuple[int, int]:
     st = res.static
     if st.task == "linear_gaussian":
         return st.k * st.d, st.k * st.rank
-    out = st.num_classes if st.task == "mlp_classification" else st.k
+    out = st.num_classes if st.classification else st.k
 
     def count(kind, width, depth, channels, kernel_size):
         if kind == "cnn":
@@ -87,7 +87,7 @@ def estimate(config, params: tuple[int, int] | None = None) -> Estimate:
         pop_per = p_T * item + p_S * item + 2 * 8 * p_T
         host_per = pop_per + 4 * 8 * p_T + 3 * (st.n + res.ghost_points) * st.k * 8
     else:
-        out = st.num_classes if st.task == "mlp_classification" else st.k
+        out = st.num_classes if st.classification else st.k
         width = max(_activations(res), p // max(st.d, 1))   # user models: a guess from their size
         # parameters as above; per-example targets; activations of forward and backward
         per_chain = (6 * p + 2 * st.n * out + 3 * st.n * width) * item + 64

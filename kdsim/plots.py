@@ -194,7 +194,11 @@ def plot_result(result, path: str | os.PathLike[str] | None = None):
         arch = f"k={cfg.task.k}, r={rank}"
     else:
         arch = f"widths {cfg.teacher.model.width} -> {cfg.student.model.width}"
-    fig.suptitle(f"kdsim: {cfg.task.name}, d={cfg.task.d}, n={cfg.task.n}, {arch}, "
+    task = (f"pool {cfg.task.source}" if cfg.task.name == "pool" else f"{cfg.task.name}, d={cfg.task.d}")
+    if cfg.task.name != "linear_gaussian":
+        arch = " -> ".join(f"{m.kind} " + (f"{m.channels} ch" if m.kind == "cnn" else f"width {m.width}")
+                           for m in (cfg.teacher.model, cfg.student.model))
+    fig.suptitle(f"kdsim: {task}, n={cfg.task.n}, {arch}, "
                  rf"$\alpha$={cfg.student.alpha:g}, $\nu_T$={cfg.student.teacher_noise:g}, "
                  rf"$\tau$={cfg.student.temperature:g}; "
                  f"{cfg.num_datasets} datasets x {cfg.num_particles} particles")

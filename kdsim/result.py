@@ -109,7 +109,8 @@ def load_result(path: str | os.PathLike[str]) -> Result:
 
 
 HEADLINE = [
-    "gen_T", "gen_T_exact", "gen_S", "gen_S_exact", "kl_exact", "kl_stationary",
+    "gen_T", "gen_T_exact", "gen_S", "gen_S_exact", "gen_T_01", "gen_S_01",
+    "gen_S_scratch", "gen_S_scratch_01", "kl_exact", "kl_stationary",
     "klpred_exact", "klpred_convexity", "klpred_convexity_exact",
     "decomp_bias", "decomp_subspace", "decomp_rank", "decomp_variance",
     "B0_upper", "B1_upper", "B2_lower", "B3_upper",

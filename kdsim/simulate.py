@@ -24,6 +24,8 @@ from .result import Result, summarize
 from .tasks import linear_gaussian as lg
 from .tasks import mlp as mlp_task
 from .timing import StageTimer
+from .tasks import pool as pool_task
+from .tasks import sources
 
 
 class DivergenceError(RuntimeError):
@@ -39,7 +41,7 @@ class Run(NamedTuple):
 
     config: SimConfig
     resolved: Resolved
-    data: Any                      # tasks.linear_gaussian.LinearData | tasks.mlp.MLPData
+    data: Any                      # tasks.linear_gaussian.LinearData | tasks.mlp.MLPData | tasks.pool.PoolData
     populations: populations.Populations
     seconds: float
     models: tuple[Prepared, Prepared] | None = None   # teacher, student (tasks with models)
@@ -54,26 +56,54 @@ def _as_config(config: SimConfig | Mapping[str, Any]) -> SimConfig:
 
 
 def run_populations(config: SimConfig | Mapping[str, Any], progress: bool | None = None, *,
-                    teacher_model: Any = None, student_model: Any = None) -> Run:
+                    teacher_model: Any = None, student_model: Any = None,
+                    data: Any = None) -> Run:
     """Draw the datasets and train the teacher and student populations (no estimation).
 
     For notebooks and tests that need the particles themselves. ``progress``: show a
     progress bar (default: on a terminal, off when ``CI`` is set). ``teacher_model``,
-    ``student_model``: as for :func:`simulate`.
+    ``student_model``, ``data``: as for :func:`simulate`.
     """
     cfg = _as_config(config)
-    res = resolve(cfg)
+    res, pool = with_pool(cfg, resolve(cfg), data)
     res, models = prepare_models(cfg, res, teacher_model, student_model)
     memory.check(res, evaluate=False, params=_param_counts(models))
-    return _populations(cfg, res, models, progress)
+    return _populations(cfg, res, models, progress, pool)
+
+
+def load_pool(cfg: SimConfig, data: Any = None) -> sources.Pool | None:
+    """The pool of a ``pool`` task (checked: :class:`kdsim.DataError` names any problem),
+    else None; ``data`` given to any other task is an error."""
+    if cfg.task.name != "pool":
+        if data is not None:
+            raise ConfigError(f"data=(X, Y) needs task.name = 'pool' (with task.source = "
+                              f"'arrays'), got task.name = {cfg.task.name!r}")
+        return None
+    pool = sources.load(cfg.task, data)
+    pool_task.check_size(pool, cfg.task.n, cfg.task.sampling)
+    return pool
+
+
+def with_pool(cfg: SimConfig, res: Resolved, data: Any = None) -> tuple[Resolved, sources.Pool | None]:
+    """Load a pool task's pool and put its shapes into the resolved statics: input shape,
+    ``d`` = its size, ``num_classes`` = K (classification) or ``k`` = the targets' width."""
+    pool = load_pool(cfg, data)
+    if pool is None:
+        return res, None
+    d = int(np.prod(pool.input_shape))
+    static = res.static._replace(input_shape=pool.input_shape, d=d, pool_size=pool.size,
+                                 num_classes=pool.num_classes if pool.classification else res.static.num_classes,
+                                 k=res.static.k if pool.classification else pool.out)
+    return res._replace(static=static), pool
 
 
 def _task_info(cfg: SimConfig, res: Resolved) -> tuple[tuple, int, str]:
     """The models' input shape, output width and what the outputs are, for a task."""
     st = res.static
-    if st.task == "mlp_classification":
-        return (st.d,), st.num_classes, "class logits"
-    return (st.d,), st.k, "regression outputs"
+    shape = st.input_shape if st.task == "pool" else (st.d,)
+    if st.classification:
+        return shape, st.num_classes, "class logits"
+    return shape, st.k, "regression outputs"
 
 
 def prepare_models(cfg: SimConfig, res: Resolved, teacher_model: Any = None,
@@ -125,15 +155,16 @@ def _param_counts(models: tuple[Prepared, Prepared] | None) -> tuple[int, int] |
     return None if models is None else (models[0].num_params, models[1].num_params)
 
 
-def _populations(cfg: SimConfig, res: Resolved, models, progress: bool | None) -> Run:
+def _populations(cfg: SimConfig, res: Resolved, models, progress: bool | None,
+                 pool: sources.Pool | None = None) -> Run:
     st = res.static
     chunks = -(-st.num_particles // st.particle_chunk)
     steps = (st.teacher_steps + st.student_steps * (2 if res.scratch else 1)) * chunks
     with Progress(steps, "kdsim run", enabled=progress_enabled(progress)) as bar:
-        return _run(cfg, res, models, bar)
+        return _run(cfg, res, models, bar, pool)
 
 
-def _run(cfg: SimConfig, res: Resolved, models, bar: Progress) -> Run:
+def _run(cfg: SimConfig, res: Resolved, models, bar: Progress, pool: sources.Pool | None = None) -> Run:
     """Draw the data, then train the population chunk by chunk of particles.
 
     Every draw is keyed by global dataset and particle index, so a chunked run draws
@@ -152,11 +183,14 @@ def _run(cfg: SimConfig, res: Resolved, models, bar: Progress) -> Run:
                                        signal_decay=nm.signal_decay)
         engine = populations.run_linear
     else:
-        classification = st.task == "mlp_classification"
-        make = lambda ds: mlp_task.make_data(
-            root, ds, n=st.n, d=st.d, out=st.num_classes if classification else st.k,
-            n_test=st.n_test, planted_width=st.planted_width, planted_scale=nm.planted_scale,
-            noise=nm.noise, classification=classification)
+        classification = st.classification
+        if st.task == "pool":
+            make = lambda ds: pool_task.make_data(root, ds, pool, n=st.n, sampling=st.sampling)
+        else:
+            make = lambda ds: mlp_task.make_data(
+                root, ds, n=st.n, d=st.d, out=st.num_classes if classification else st.k,
+                n_test=st.n_test, planted_width=st.planted_width, planted_scale=nm.planted_scale,
+                noise=nm.noise, classification=classification)
 
         def engine(root, res, data, datasets, particles, bar):
             task = populations.ModelData(data.X, data.Y, data.classification)
@@ -249,14 +283,17 @@ def _train(engine, root, res: Resolved, data, datasets: np.ndarray, particles: n
 
 
 def simulate(config: SimConfig | Mapping[str, Any], teacher_model: Any = None,
-             student_model: Any = None, progress: bool | None = None) -> Result:
+             student_model: Any = None, data: Any = None, progress: bool | None = None) -> Result:
     """Run one simulation and estimate every quantity of the theory.
 
     Args:
       config: a :class:`SimConfig` or a (partial) mapping accepted by ``SimConfig.from_dict``.
       teacher_model, student_model: a flax ``linen`` module, a flax ``nnx`` module or a
         :class:`kdsim.Model` ``(init, apply)``; given, it replaces ``teacher.model`` /
-        ``student.model`` of the config (tasks with models: the MLP tasks).
+        ``student.model`` of the config (tasks with models: the MLP and pool tasks).
+      data: ``(X, Y)`` numpy or JAX arrays, the pool of a ``pool`` task with
+        ``task.source = "arrays"``: ``X (N, *input_shape)``, ``Y (N,)`` int labels in
+        ``[0, K)`` (``task.kind = "classification"``) or ``(N, k)`` float targets.
       progress: show a progress bar over the Langevin steps (default: on a terminal,
         off when the environment variable ``CI`` is set).
     Returns:
@@ -265,15 +302,20 @@ def simulate(config: SimConfig | Mapping[str, Any], teacher_model: Any = None,
     """
     t0 = time.perf_counter()
     cfg = _as_config(config)
-    res = resolve(cfg)
+    res, pool = with_pool(cfg, resolve(cfg), data)
     res, models = prepare_models(cfg, res, teacher_model, student_model)
     memory.check(res, params=_param_counts(models))   # the estimators' memory too, before any work
-    run = _populations(cfg, res, models, progress)
+    run = _populations(cfg, res, models, progress, pool)
     check_divergence(run)
     timer = StageTimer()
     if run.resolved.static.task == "linear_gaussian":
         per_dataset, pooled, notes = linear_columns(run, timer)
         datasets = {"X": run.data.X, "Y": run.data.Y, "W_star": run.data.W_star}
+    elif run.resolved.static.task == "pool":
+        per_dataset, pooled, notes = mlp_columns(run, timer)
+        datasets = {"X": run.data.X.astype(np.float64), "Y": run.data.Y,
+                    "index": run.data.index.astype(np.int64)}
+        notes = [pool_note(run)] + notes
     else:
         per_dataset, pooled, notes = mlp_columns(run, timer)
         datasets = {"X": run.data.X.astype(np.float64), "Y": run.data.Y,
@@ -300,8 +342,23 @@ def simulate(config: SimConfig | Mapping[str, Any], teacher_model: Any = None,
                                  "class": type(user[role]).__name__ if user[role] is not None else None,
                                  "num_params": m.num_params, "scales": m.scale_source}
                           for role, m in zip(("teacher", "student"), models)}
+    if pool is not None:
+        meta["pool"] = {"source": pool.source, "size": pool.size, "input_shape": list(pool.input_shape),
+                        "num_classes": pool.num_classes, "sha256": pool.digest}
     return Result(config=run.config, per_dataset=per_dataset, summary=summary,
                   datasets=datasets, notes=notes, meta=meta, pooled=pooled)
+
+
+def pool_note(run: Run) -> str:
+    cfg, st, pool = run.config, run.resolved.static, run.data.pool
+    what = (f"{pool.num_classes} classes" if pool.classification
+            else f"regression targets of width {pool.out}")
+    how = ("i.i.d. with replacement (mu = uniform on the pool)" if st.sampling == "iid" else
+           "without replacement: the datasets are NOT i.i.d. draws from mu")
+    return (f"pool: {pool.source}, N = {pool.size} points of shape {pool.input_shape}, {what}"
+            + (f" (classes {list(cfg.task.classes)} relabelled 0..{pool.num_classes - 1})"
+               if cfg.task.classes else "")
+            + f"; datasets of n = {st.n} draws {how}; population risks are exact pool averages")
 
 
 def check_divergence(run: Run) -> None:

@@ -33,6 +33,7 @@ STREAMS: dict[str, int] = {
     "channel": 11,        # prediction-channel noise draws of the function-space CGF
     "estimators": 12,     # Hutchinson probes, power-iteration starts, bootstrap
     "test_y": 13,         # labels of the fresh test points
+    "pool_index": 14,     # pool tasks: which pool points a dataset draws, per dataset
 }
 
 

@@ -29,6 +29,7 @@ import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import pandas as pd
 
 import hashlib
@@ -40,6 +41,7 @@ from .progress import Progress
 from .progress import enabled as progress_enabled
 from .result import Result, load_result
 from .simulate import DivergenceError, _as_config, simulate
+from .tasks.sources import digest
 
 SCHEMA = "kdsim.sweep/1"
 MANIFEST = "manifest.json"
@@ -78,13 +80,27 @@ def point_configs(config: SimConfig, grid: Mapping[str, Sequence[Any]]) -> list[
 
 
 def point_hash(cfg: SimConfig, inputs: Mapping[str, Any] | None = None) -> str:
-    """A point's identity: its config, and the user models it runs (if any), so a
-    resumed sweep never mixes results of other models."""
+    """A point's identity: its config, and the user models and pool it runs (if any), so
+    a resumed sweep never mixes results of other models or other pools."""
     if not inputs:
         return cfg.hash()
-    text = cfg.hash() + "".join(f"|{k}={fingerprint(v)}" for k, v in sorted(inputs.items())
+    text = cfg.hash() + "".join(f"|{k}={_identity(k, v)}" for k, v in sorted(inputs.items())
                                 if v is not None)
     return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _identity(name: str, value: Any) -> str:
+    """What identifies a sweep input: a user model's fingerprint, a pool's content hash."""
+    if name == "data":
+        return "pool:" + pool_digest(value)
+    return fingerprint(value)
+
+
+def pool_digest(data: Any) -> str:
+    """sha256 of a user pool ``(X, Y)`` as given (shapes, dtypes and bytes)."""
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise ConfigError(f"data must be a pair (X, Y) of arrays, got {type(data).__name__}")
+    return digest(np.asarray(data[0]), np.asarray(data[1]))
 
 
 def _point_dir(root: str, index: int, hash_: str) -> str:
@@ -96,7 +112,7 @@ def _write_manifest(out: str, config: SimConfig, grid: Mapping[str, Sequence[Any
     manifest = {
         "schema": SCHEMA, "kdsim_version": io.kdsim_version(), "base": config.to_dict(),
         "grid": {k: list(v) for k, v in grid.items()},
-        "models": {k: fingerprint(v) for k, v in sorted(inputs.items())},
+        "models": {k: _identity(k, v) for k, v in sorted(inputs.items())},
         "points": [{"index": i, "values": values, "hash": point_hash(cfg, inputs)}
                    for i, (values, cfg) in enumerate(points)],
     }
@@ -105,8 +121,8 @@ def _write_manifest(out: str, config: SimConfig, grid: Mapping[str, Sequence[Any
         old = read_manifest(out)
         if old["base"] != manifest["base"] or old["grid"] != manifest["grid"] \
                 or old.get("models", {}) != manifest["models"]:
-            raise SweepError(f"{out} holds a different sweep (base config, grid or models "
-                             "differ); choose another --out folder")
+            raise SweepError(f"{out} holds a different sweep (base config, grid, pool or "
+                             "models differ); choose another --out folder")
         return
     os.makedirs(os.path.join(out, "points"), exist_ok=True)
     io.atomic_write_bytes(path, json.dumps(io._jsonable(manifest), indent=1).encode())
@@ -145,7 +161,8 @@ def run_point(out: str | None, index: int, values: Mapping[str, Any], cfg: SimCo
               **inputs: Any) -> Result:
     """Run one point and, with a store, save it atomically (used by workers too).
 
-    ``inputs``: ``teacher_model`` / ``student_model`` passed on to :func:`kdsim.simulate`."""
+    ``inputs``: ``teacher_model`` / ``student_model`` / ``data`` passed on to
+    :func:`kdsim.simulate`."""
     try:
         res = simulate(cfg, progress=False, **inputs)
     except DivergenceError as err:     # finished points stay in the store
@@ -162,7 +179,7 @@ def run_point(out: str | None, index: int, values: Mapping[str, Any], cfg: SimCo
 def sweep(config: SimConfig | Mapping[str, Any], grid: Mapping[str, Sequence[Any]],
           out: str | os.PathLike[str] | None = None, *, progress: bool | None = None,
           executor: Any = None, teacher_model: Any = None,
-          student_model: Any = None) -> pd.DataFrame:
+          student_model: Any = None, data: Any = None) -> pd.DataFrame:
     """Run every point of ``grid`` over ``config``; resume from ``out`` if it holds one.
 
     Args:
@@ -175,11 +192,14 @@ def sweep(config: SimConfig | Mapping[str, Any], grid: Mapping[str, Sequence[Any
         :func:`ray_executor`); default: here, one after the other.
       teacher_model, student_model: user models passed to every point's
         :func:`kdsim.simulate` (they are part of each point's identity in the store).
+      data: the pool ``(X, Y)`` of a ``pool`` task with ``task.source = "arrays"``, passed
+        to every point; its content hash is part of each point's identity, so a store
+        resumed with another pool never mixes the two.
     Returns:
       the tidy table (one row per point and dataset).
     """
     inputs = {k: v for k, v in (("teacher_model", teacher_model),
-                                ("student_model", student_model)) if v is not None}
+                                ("student_model", student_model), ("data", data)) if v is not None}
     base = _as_config(config)
     points = point_configs(base, grid)
     out = None if out is None else os.fspath(out)

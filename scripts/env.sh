@@ -3,6 +3,7 @@
 # Re-installs only when pyproject.toml (or KDSIM_EXTRAS) changed since the last install.
 #   KDSIM_PYTHON  interpreter used to create .venv (default: python3, needs >= 3.10)
 #   KDSIM_EXTRAS  extra install extras, comma separated, e.g. "cuda" for NVIDIA GPUs
+# Always installed: "test" (pytest) and "data" (the built-in pools of task.name = "pool").
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -17,7 +18,7 @@ if [ ! -x .venv/bin/python ]; then
   echo "kdsim: creating .venv with $("$py" --version 2>&1)"
   "$py" -m venv .venv
 fi
-extras="test${KDSIM_EXTRAS:+,$KDSIM_EXTRAS}"
+extras="test,data${KDSIM_EXTRAS:+,$KDSIM_EXTRAS}"
 stamp=".venv/.kdsim-install-$(cat pyproject.toml | cksum | cut -d' ' -f1)-${extras//,/_}"
 if [ ! -f "$stamp" ]; then
   echo "kdsim: installing kdsim[$extras] into .venv (first time: a few minutes)"
