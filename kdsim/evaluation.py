@@ -14,23 +14,15 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from . import bounds, closed_form, streams
+from . import closed_form, streams
 from .config import Resolved
+from . import function_space as fs
+from .bound_tables import MIN_PAIRS, BoundInputs, Evaluation, _split, bound_columns, finish
 from .timing import StageTimer, single_threaded_blas, timer_or_null
 from .estimators import cgf as cgf_mod
 from .estimators import divergence, predictive, sharpness
 from .stats import mean_se
 from .tasks import linear_gaussian as lg
-
-BOUND_NAMES = ("B0_upper", "B0_lower", "B1_upper", "B2_lower", "B3_upper")
-UPPER = {"B0_upper": True, "B0_lower": False, "B1_upper": True, "B2_lower": False, "B3_upper": True}
-
-
-class Evaluation(NamedTuple):
-    per_dataset: pd.DataFrame
-    pooled: pd.DataFrame
-    notes: list[str]
-
 
 # ---------------------------------------------------------------------------------------
 # sharpness of the teacher (JAX autodiff, float64)
@@ -86,9 +78,6 @@ class Context(NamedTuple):
     finite_time: closed_form.GaussianLaws
     stationary: closed_form.GaussianLaws
     G: np.ndarray             # (E, d, d) Gram of the evaluation (= training) inputs
-
-
-MIN_PAIRS = 4
 
 
 def context(run) -> tuple[Context, dict[str, np.ndarray], list[str]]:
@@ -285,7 +274,6 @@ def _linear_columns(run, timer: StageTimer) -> Evaluation:
 def function_space_columns(ctx: Context, timer: StageTimer | None = None):
     """Function-space gaps, convexity bound and F-bounds of the linear task (Gaussian
     channel), with the closed forms of the gaps and of the convexity bound."""
-    from . import function_space as fs
     run = ctx.run
     st, data = run.resolved.static, run.data
     root = streams.root_key(run.config.seed)
@@ -299,26 +287,6 @@ def function_space_columns(ctx: Context, timer: StageTimer | None = None):
         truth, klF = fs.linear_exact(ctx, ghost)
     return fs.columns(run, ctx.ok, ctx.usable, predict(ctx.W_T), predict(ctx.W_S), data.Y, ghost,
                       truth_exact=truth, klF_exact=klF, timer=timer)
-
-
-def finish(cols: dict, pooled: pd.DataFrame, notes: list[str]) -> Evaluation:
-    """Columns to a DataFrame (flags as nullable booleans)."""
-    df = pd.DataFrame(cols)
-    for col in df.columns:
-        if col.removesuffix("_01").endswith(("_valid", "_assumption")):
-            df[col] = as_flags(df[col].to_numpy())
-    return Evaluation(df, pooled, notes)
-
-
-def as_flags(values: np.ndarray) -> pd.arrays.BooleanArray:
-    """1/0/NaN -> True/False/<NA> (a flag that does not apply is missing, not False)."""
-    values = np.asarray(values, np.float64)
-    return pd.array([pd.NA if np.isnan(v) else bool(v) for v in values], dtype="boolean")
-
-
-def _split(P: int, holdout: float) -> int:
-    """Number of teacher particles that define the fit (centre, radius, CGF fit)."""
-    return max(2, min(P - 1, P - int(round(holdout * P))))
 
 
 def _sharpness_columns(run, ok: np.ndarray) -> dict[str, np.ndarray]:
@@ -405,189 +373,6 @@ def _kl_for_bounds(run, cols) -> tuple[np.ndarray, np.ndarray, str]:
     if name in ("exact", "stationary"):
         return cols[f"kl_{name}"], np.zeros(E), ""
     return cols[f"kl_{name}"], cols[f"kl_{name}_se"], ""
-
-
-class BoundInputs(NamedTuple):
-    """What the bounds of one loss need, per dataset (leading axis E)."""
-
-    gen_T: np.ndarray
-    gen_T_se: np.ndarray
-    truth: np.ndarray           # the student's true gap: closed form, else Monte Carlo
-    truth_se: np.ndarray        # 0 for a closed form
-    kl: np.ndarray
-    kl_se: np.ndarray
-    kl_reason: str              # why KL is not finite ("" if it is)
-    g_T: np.ndarray             # (E, P) teacher-particle gaps (empirical CGF)
-    ok: np.ndarray              # (E, P) surviving pairs
-    usable: np.ndarray          # (E,)
-    n_fit: int                  # the first n_fit teacher particles fit; the rest check
-    cgf_kind: str               # "exact" | "empirical"
-    exact_cgfs: cgf_mod.ExactCGF | None  # exact CGFs, leading axis E (linear task), else None
-    sharp: dict | None          # {"G", "S", "rho", "outside"} arrays, or None
-    sharp_reason: str           # why B3 is NaN when sharp is None
-    sigma_bounded: float | None  # sigma = B of a loss bounded in [0, B] (B1 then needs no fit)
-    c_lam: float
-    ess_fraction: float
-
-
-def _bucket(n: int) -> int:
-    """Array sizes are padded to a power of two (at least 8), so runs of similar sizes
-    share one compiled bounds program."""
-    return max(8, 1 << max(0, int(n) - 1).bit_length())
-
-
-def _pad(a: np.ndarray, size: int, fill, axis: int = 0) -> np.ndarray:
-    a = np.asarray(a)
-    width = [(0, 0)] * a.ndim
-    width[axis] = (0, size - a.shape[axis])
-    return np.pad(a, width, constant_values=fill)
-
-
-def _empirical_cgfs(g: np.ndarray, w: np.ndarray, ess_fraction: float, E_pad: int):
-    """Empirical CGFs of every dataset from gaps ``g`` and mask ``w`` ``(E, N)``, padded."""
-    N_pad = _bucket(g.shape[1])
-    g = _pad(_pad(g.astype(np.float64), E_pad, 0.0), N_pad, 0.0, axis=1)
-    w = _pad(_pad(w, E_pad, False), N_pad, False, axis=1)
-    return cgf_mod.empirical_batch(g, w, jnp.float64(ess_fraction))
-
-
-def _bound_program_inputs(inp: BoundInputs):
-    """Host-side preparation: per-dataset arrays padded to a bucket, and the fit / check
-    CGF batches (call under ``jax.enable_x64``). Returns ``(x, fit, check)``."""
-    E = len(inp.gen_T)
-    Ep = _bucket(E)
-    f64 = lambda a, fill=np.nan: jnp.asarray(_pad(np.asarray(a, np.float64), Ep, fill))
-    fit_ok, hold_ok = inp.ok[:, :inp.n_fit], inp.ok[:, inp.n_fit:]
-    has_check = (np.ones(E, bool) if inp.exact_cgfs is not None
-                 else hold_ok.sum(axis=1) >= MIN_PAIRS)
-    sharp = inp.sharp or {}
-    zeros = np.zeros(E)
-    x = bounds.DatasetInputs(
-        kl=f64(inp.kl), kl_se=f64(inp.kl_se, 0.0), gen_T=f64(inp.gen_T), gen_T_se=f64(inp.gen_T_se),
-        truth=f64(inp.truth), truth_se=f64(inp.truth_se),
-        used=jnp.asarray(_pad(inp.usable & ~np.isnan(inp.kl), Ep, False)),
-        has_check=jnp.asarray(_pad(has_check, Ep, False)),
-        G=f64(sharp.get("G", zeros)), S=f64(sharp.get("S", zeros)), rho=f64(sharp.get("rho", zeros)),
-        outside=f64(sharp.get("outside", zeros)), extra_var=f64(sharp.get("extra_var", zeros), 0.0))
-    exact = None
-    if inp.exact_cgfs is not None:
-        exact = jax.tree_util.tree_map(lambda a: jnp.asarray(_pad(a, Ep, 1.0)), inp.exact_cgfs)
-    if inp.cgf_kind == "exact":
-        fit = exact
-    else:
-        fit = _empirical_cgfs(inp.g_T[:, :inp.n_fit], fit_ok, inp.ess_fraction, Ep)
-    # assumptions are judged on data independent of the fit: the exact Lambda, else the
-    # held-out teacher particles (where there are at least MIN_PAIRS of them)
-    if exact is not None:
-        check = exact
-    elif hold_ok.shape[1] > 0:
-        check = _empirical_cgfs(inp.g_T[:, inp.n_fit:], hold_ok, inp.ess_fraction, Ep)
-    else:
-        check = fit
-    return x, fit, check
-
-
-def bound_arrays(inp: BoundInputs) -> tuple[bounds.DatasetBounds, bounds.PooledBounds | None]:
-    """Every bound of every dataset and the pooled bounds, as NumPy arrays (one jitted
-    program each, one device-to-host copy); the pooled bounds are None when no dataset
-    has bounds."""
-    E = len(inp.gen_T)
-    has_b3 = inp.sharp is not None
-    with jax.enable_x64(True):
-        x, fit, check = _bound_program_inputs(inp)
-        per = bounds.dataset_bounds(x, fit, check, jnp.float64(inp.c_lam),
-                                    sigma_bounded=inp.sigma_bounded, has_b3=has_b3)
-        pooled = None
-        if bool(np.any(inp.usable & ~np.isnan(inp.kl))):
-            pooled = bounds.pooled_bounds(x, fit, jnp.float64(inp.c_lam),
-                                          sigma_bounded=inp.sigma_bounded)
-        per, pooled = jax.device_get((per, pooled))
-    per = bounds.DatasetBounds(*(np.asarray(a, np.float64)[..., :E] for a in per))
-    if pooled is not None:
-        pooled = bounds.PooledBounds(*(np.asarray(a, np.float64) for a in pooled))
-    return per, pooled
-
-
-def _bound_table(per: bounds.DatasetBounds, inp: BoundInputs, sfx) -> dict[str, np.ndarray]:
-    """Per-dataset columns of the bounds: values, tightness, inputs, flags."""
-    out = {}
-    for name in ("sigma_B1", "lam_max", "B0_lam", "B0_eta", "B2_eta", "B2_eps", "rho0"):
-        out[sfx(name)] = getattr(per, name)
-    for b, name in enumerate(BOUND_NAMES):
-        out[sfx(name)] = per.value[b]
-    if inp.exact_cgfs is not None:
-        out[sfx("kappa_min")] = np.asarray(inp.exact_cgfs.kappa_min, np.float64)
-        out[sfx("kappa_max")] = np.asarray(inp.exact_cgfs.kappa_max, np.float64)
-    for b, name in enumerate(BOUND_NAMES):
-        sign = 1.0 if UPPER[name] else -1.0
-        out[sfx(f"{name}_tightness")] = sign * (per.value[b] - inp.truth)
-    for b, name in enumerate(BOUND_NAMES):
-        out[sfx(f"{name}_valid")] = per.valid[b]
-        out[sfx(f"{name}_assumption")] = per.assumption[b]
-    return out
-
-
-def _bound_notes(inp: BoundInputs, cols: dict[str, np.ndarray], sfx) -> list[str]:
-    """Why bounds are infinite or NaN, the CGF's range, and every failed flag."""
-    notes = []
-    if inp.kl_reason:
-        what = "+inf / -inf" if np.isinf(inp.kl).any() else "NaN"
-        notes.append(f"{', '.join(sfx(b) for b in BOUND_NAMES)}: {what}: {inp.kl_reason}.")
-    elif inp.sharp is None:
-        notes.append(f"{sfx('B3_upper')}: NaN: {inp.sharp_reason}.")
-    if inp.exact_cgfs is not None:
-        if np.nanmax(cols[sfx("kappa_max")]) > 0 and inp.sigma_bounded is None:
-            notes.append(
-                "kappa_max > 0: the upper tail of the teacher's gap is sub-exponential, NOT "
-                "sub-Gaussian for all lam; B1 uses lam_max = c_lam / kappa_max "
-                f"(c_lam = {inp.c_lam}).")
-        if np.nanmin(cols[sfx("kappa_min")]) < 0:
-            notes.append(
-                "kappa_min < 0: Lambda_D(-eta) = +inf for eta >= 1/|kappa_min|; the B2 grid and "
-                "B0's lower search stop there.")
-    for name in ("B1_upper", "B2_lower", "B3_upper"):
-        failed = np.flatnonzero(cols[sfx(f"{name}_assumption")] == 0)
-        if failed.size:
-            why = " (held-out teacher mass outside the B3 ball > 0)" if name == "B3_upper" else ""
-            notes.append(f"{sfx(name + '_assumption')}: False in datasets {failed.tolist()}{why}")
-    for name in BOUND_NAMES:
-        broken = np.flatnonzero(cols[sfx(f"{name}_valid")] == 0)
-        if broken.size:
-            notes.append(f"{sfx(name + '_valid')}: False in datasets {broken.tolist()} (the bound "
-                         "fails on the truth beyond 3 standard errors)")
-    return notes
-
-
-def _pooled_table(pooled: bounds.PooledBounds | None, suffix: str, prefix: str = "") -> pd.DataFrame:
-    """The pooled bounds as a DataFrame indexed by bound name."""
-    columns = ["value", "truth", "tightness", "valid"]
-    if pooled is None:
-        return pd.DataFrame(columns=columns, index=pd.Index([], name="bound"), dtype=float)
-    rows = {prefix + name + suffix: (float(pooled.value[i]), float(pooled.truth),
-                                     float(pooled.tightness[i]), float(pooled.valid[i]))
-            for i, name in enumerate(bounds.POOLED_NAMES)}
-    df = pd.DataFrame.from_dict(rows, orient="index", columns=columns)
-    df.index.name = "bound"
-    return df
-
-
-def bound_columns(inp: BoundInputs, suffix: str = "", prefix: str = "",
-                  timer: StageTimer | None = None):
-    """Bounds B0--B3 per dataset, their flags, and the pooled bounds.
-
-    Returns ``(columns, pooled DataFrame, notes)``; column names carry ``prefix``
-    (``"F_"`` for the function-space bounds) and ``suffix`` (``"_01"`` for the 0-1 loss).
-    ``inp.sharp`` may carry ``"extra_var"``: a variance proxy added to ``sigma_D(rho)^2``
-    (the label draws of the function-space B3). The maths runs for all datasets in one
-    program (:func:`bound_arrays`); the tables and notes are built from its arrays.
-    """
-    timer = timer_or_null(timer)
-    sfx = lambda name: prefix + name + suffix
-    with timer("bounds"):
-        per, pooled = bound_arrays(inp)
-    with timer("tables"):
-        cols = _bound_table(per, inp, sfx)
-        return cols, _pooled_table(pooled, suffix, prefix), _bound_notes(inp, cols, sfx)
 
 
 def _linear_bound_inputs(run, ctx: "Context", cols) -> BoundInputs:

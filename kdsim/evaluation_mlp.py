@@ -20,7 +20,9 @@ import numpy as np
 import pandas as pd
 from jax.flatten_util import ravel_pytree
 
+from . import bound_tables as bt
 from . import evaluation as ev
+from . import function_space as fs
 from . import losses, streams
 from .config import Resolved
 from .estimators import divergence, sharpness
@@ -116,7 +118,7 @@ def _take(tree, e: int, idx=None) -> np.ndarray:
     return np.concatenate([r.reshape(r.shape[0], -1) for r in rows], axis=1).astype(np.float64)
 
 
-def mlp_columns(run, timer=None) -> ev.Evaluation:
+def mlp_columns(run, timer=None) -> bt.Evaluation:
     """Per-dataset columns, pooled bounds and notes of an MLP run; ``timer`` (optional)
     collects the seconds of the bound maths (``bounds``), their tables (``tables``) and
     everything else (``estimators``)."""
@@ -125,7 +127,7 @@ def mlp_columns(run, timer=None) -> ev.Evaluation:
         return _mlp_columns(run, timer)
 
 
-def _mlp_columns(run, timer) -> ev.Evaluation:
+def _mlp_columns(run, timer) -> bt.Evaluation:
     res: Resolved = run.resolved
     st, nm, cfg, data, pops = res.static, res.numeric, run.config, run.data, run.populations
     classification = st.classification
@@ -142,7 +144,7 @@ def _mlp_columns(run, timer) -> ev.Evaluation:
             f"DIVERGED: {int(pops.diverged_T.sum())} teacher and {int(pops.diverged_S.sum())} "
             f"student particles blew up in datasets {np.flatnonzero((~ok).any(1)).tolist()}; "
             "their pairs are excluded from every estimate. Reduce the step size.")
-    usable = ok.sum(1) >= ev.MIN_PAIRS
+    usable = ok.sum(1) >= bt.MIN_PAIRS
 
     with jax.enable_x64(st.dtype == "float64"):
         X = jnp.asarray(data.X, dtype)
@@ -172,9 +174,9 @@ def _mlp_columns(run, timer) -> ev.Evaluation:
         else:
             ok0 = ok & ~pops.diverged_scratch
             cols[f"gen_S_scratch{sfx}"], cols[f"gen_S_scratch{sfx}_se"] = _per_dataset(
-                m_0[te] - m_0[tr], ok0, ok0.sum(1) >= ev.MIN_PAIRS)
+                m_0[te] - m_0[tr], ok0, ok0.sum(1) >= bt.MIN_PAIRS)
             cols[f"test_loss_S_scratch{sfx}"], cols[f"test_loss_S_scratch{sfx}_se"] = _per_dataset(
-                m_0[te], ok0, ok0.sum(1) >= ev.MIN_PAIRS)
+                m_0[te], ok0, ok0.sum(1) >= bt.MIN_PAIRS)
     if m_0 is None:
         notes.append("gen_S_scratch, test_loss_S_scratch: not computed (estimators.scratch = false)")
     else:
@@ -185,7 +187,7 @@ def _mlp_columns(run, timer) -> ev.Evaluation:
     cols.update(_kl_columns(run, ok, usable, notes))
 
     # ---- teacher sharpness and the B3 ball (task loss: squared / cross-entropy)
-    n_fit = ev._split(P, cfg.estimators.b3_holdout)
+    n_fit = bt._split(P, cfg.estimators.b3_holdout)
     sharp_cols, ball = _sharpness_columns(run, ok, n_fit, X, Y, Xt, Yt, teacher_model, classification)
     cols.update(sharp_cols)
 
@@ -195,7 +197,7 @@ def _mlp_columns(run, timer) -> ev.Evaluation:
     for sfx, tr, te in losses:
         g_T = m_T[te] - m_T[tr]
         is01 = sfx == "_01"
-        inp = ev.BoundInputs(
+        inp = bt.BoundInputs(
             gen_T=cols[f"gen_T{sfx}"], gen_T_se=cols[f"gen_T{sfx}_se"], truth=cols[f"gen_S{sfx}"],
             truth_se=cols[f"gen_S{sfx}_se"], kl=kl, kl_se=kl_se, kl_reason=reason, g_T=g_T, ok=ok,
             usable=usable, n_fit=n_fit, cgf_kind="empirical", exact_cgfs=None,
@@ -204,7 +206,7 @@ def _mlp_columns(run, timer) -> ev.Evaluation:
             sharp_reason="B3 is never computed from the 0-1 loss (zero gradient almost everywhere)",
             sigma_bounded=1.0 if is01 else None, c_lam=cfg.estimators.c_lam,
             ess_fraction=cfg.estimators.ess_fraction)
-        bcols, pooled, bnotes = ev.bound_columns(inp, sfx, timer=timer)
+        bcols, pooled, bnotes = bt.bound_columns(inp, sfx, timer=timer)
         cols.update(bcols)
         notes += bnotes
         pooled_all.append(pooled)
@@ -215,12 +217,11 @@ def _mlp_columns(run, timer) -> ev.Evaluation:
                                                    teacher_model, student_model, timer)
     cols.update(fs_cols)
     notes += fs_notes
-    return ev.finish(cols, pd.concat(pooled_all + [fs_pooled]), notes)
+    return bt.finish(cols, pd.concat(pooled_all + [fs_pooled]), notes)
 
 
 def _function_space(run, ok, usable, F_T, F_S, ball: "Ball", teacher_model, student_model,
                     timer=None):
-    from . import function_space as fs
     res: Resolved = run.resolved
     st, nm, cfg, data, pops = res.static, res.numeric, run.config, run.data, run.populations
     classification = st.classification

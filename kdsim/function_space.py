@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import closed_form, streams
-from . import evaluation as ev
+from . import bound_tables as ev
 from .config import Resolved
 from .estimators import sharpness
 from .stats import mean_se

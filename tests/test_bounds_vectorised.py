@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kdsim import bound_tables
 from kdsim import bounds, evaluation
 from kdsim.estimators import cgf
 
@@ -128,7 +129,7 @@ def test_exact_cgfs_match_the_scalar_bounds():
 
 @pytest.mark.parametrize("sigma_bounded", [None, 1.0])
 def test_empirical_cgfs_through_bound_columns_match_the_scalar_bounds(sigma_bounded):
-    """Through :func:`evaluation.bound_arrays`: the first n_fit particles fit, the
+    """Through :func:`bound_tables.bound_arrays`: the first n_fit particles fit, the
     held-out rest check, diverged pairs are masked out, datasets padded to a bucket."""
     rng = np.random.default_rng(1 if sigma_bounded is None else 2)
     E, P, n_fit = 24, 96, 72
@@ -139,7 +140,7 @@ def test_empirical_cgfs_through_bound_columns_match_the_scalar_bounds(sigma_boun
     ok[7, n_fit:] = False                              # no held-out particles: no check
     ok[8, n_fit + 2:] = False                          # too few held-out particles
     ok[9] = False                                      # not usable
-    usable = ok.sum(1) >= evaluation.MIN_PAIRS
+    usable = ok.sum(1) >= bound_tables.MIN_PAIRS
     kl, kl_se = _kl_column(rng, E)
     kl[10] = np.nan                                    # no KL: no bounds
     has_b3 = sigma_bounded is None
@@ -147,16 +148,16 @@ def test_empirical_cgfs_through_bound_columns_match_the_scalar_bounds(sigma_boun
                        for e in range(E)])
     for ess_fraction in (0.1, 1 - 1e-9):               # the second: empty lam and eta grids
         x, sharp = _inputs(rng, E, kl, kl_se, usable & ~np.isnan(kl), None, scales)
-        inp = evaluation.BoundInputs(
+        inp = bound_tables.BoundInputs(
             gen_T=x.gen_T, gen_T_se=x.gen_T_se, truth=x.truth, truth_se=x.truth_se, kl=kl,
             kl_se=kl_se, kl_reason="", g_T=g, ok=ok, usable=usable, n_fit=n_fit,
             cgf_kind="empirical", exact_cgfs=None, sharp=sharp if has_b3 else None,
             sharp_reason="", sigma_bounded=sigma_bounded, c_lam=0.5, ess_fraction=ess_fraction)
-        per, pooled = evaluation.bound_arrays(inp)
+        per, pooled = bound_tables.bound_arrays(inp)
         fits = [ref.empirical(g[e, :n_fit][ok[e, :n_fit]], ess_fraction) if usable[e] else None
                 for e in range(E)]
         checks = [ref.empirical(g[e, n_fit:][ok[e, n_fit:]], ess_fraction)
-                  if ok[e, n_fit:].sum() >= evaluation.MIN_PAIRS else None for e in range(E)]
+                  if ok[e, n_fit:].sum() >= bound_tables.MIN_PAIRS else None for e in range(E)]
         used = usable & ~np.isnan(kl)
         x = x._replace(used=used)
         n = _compare(per, pooled, x, sharp, fits, checks, 0.5, sigma_bounded, has_b3, scales, used)
