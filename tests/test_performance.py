@@ -142,8 +142,9 @@ for i, cfg in enumerate(json.loads(sys.argv[1])):
 
 SPREAD = [{**SMALL_G, "num_datasets": 4},                                # datasets split
           {**SMALL_G, "num_datasets": 3, "num_particles": 12, "dtype": "float64",
-           "particle_chunk": 8},                                         # particles split, chunks, float64
-          {**MLP_G, "num_datasets": 3, "num_particles": 12}]             # an MLP, particles split
+           "particle_chunk": 8}]                                         # particles split, chunks, float64
+# (MLP populations in other batch shapes: test_particle_chunks_in_an_mlp_task here, split
+# over two processes: tests/test_distributed.py)
 
 
 def test_population_spread_over_four_devices(tmp_path):
