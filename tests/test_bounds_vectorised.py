@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from kdsim import bound_tables
-from kdsim import bounds, evaluation
+from kdsim import bounds
 from kdsim.estimators import cgf
 
 import scalar_bounds_reference as ref

@@ -8,7 +8,6 @@ import kdsim
 from kdsim import evaluation, run_populations
 from kdsim.estimators import cgf
 from kdsim.stats import bonferroni_z
-from kdsim.tasks import linear_gaussian as lg
 
 from helpers import config, linear_laws_np, z_spread_ok
 

@@ -81,7 +81,7 @@ def test_two_jax_processes_reproduce_the_single_process_run(tmp_path):
     import sys
 
     import numpy as np
-    from helpers import ESTIMATE_RTOL_F64, assert_layout_close, flat_states
+    from helpers import assert_layout_close, flat_states
 
     addr = f"127.0.0.1:{_free_port()}"
     env = {**os.environ, "CI": "1", "JAX_PLATFORMS": "cpu"}

@@ -11,7 +11,6 @@ import numpy as np
 import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
-from scipy import stats as sps
 
 import kdsim
 from kdsim import closed_form, langevin, models, populations, streams

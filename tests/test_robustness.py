@@ -7,7 +7,6 @@ compiled programs, which the examples then share: numeric fields are traced); st
 (half of it up to a thousand times it), in float32 and float64.
 """
 
-import math
 
 import numpy as np
 import pandas as pd
@@ -87,10 +86,9 @@ def test_simulate_gives_a_result_or_a_documented_error(cfg):
 
 import importlib
 
-import jax
 import pytest
 
-from kdsim import closed_form, evaluation, langevin, populations, streams
+from kdsim import closed_form, evaluation, populations, streams
 from kdsim.cli import main as cli_main
 
 from helpers import data_for
