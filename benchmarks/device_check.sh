@@ -4,7 +4,7 @@
 # against float64. Results in benchmarks/results/device_check_<platform>.{json,md}.
 #
 #   bash benchmarks/device_check.sh          # on one GPU: under 5 minutes
-#   bash benchmarks/device_check.sh --cpu    # tiny sizes on the CPU (tests/test_device_check.py)
+#   bash benchmarks/device_check.sh --cpu    # tiny sizes on the CPU (tests/test_benchmarks_device_check.py)
 #
 # On a machine without network access, dependencies missing there (e.g. blackjax, flax,
 # optax) can travel as wheels in .whl/ (they are installed into /tmp/site first).

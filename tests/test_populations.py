@@ -144,7 +144,7 @@ SPREAD = [{**SMALL_G, "num_datasets": 4},                                # datas
           {**SMALL_G, "num_datasets": 3, "num_particles": 12, "dtype": "float64",
            "particle_chunk": 8}]                                         # particles split, chunks, float64
 # (MLP populations in other batch shapes: test_particle_chunks_in_an_mlp_task here, split
-# over two processes: tests/test_distributed.py)
+# over two processes: tests/test_sharding.py)
 
 
 def test_population_spread_over_four_devices(tmp_path):
