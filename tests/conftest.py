@@ -22,5 +22,17 @@ if _CACHE:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
+import pytest  # noqa: E402
+
+import kdsim  # noqa: E402
+
+from helpers import SMALL_LINEAR  # noqa: E402
 
 jax.config.update("jax_numpy_rank_promotion", "raise")
+
+
+@pytest.fixture(scope="session")
+def small_result():
+    """The simulate() of ``helpers.SMALL_LINEAR``, shared by the simulate, io and plot tests
+    (one run per pytest worker)."""
+    return kdsim.simulate(SMALL_LINEAR)

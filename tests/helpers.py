@@ -5,13 +5,19 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from scipy import stats as sps
 
-from kdsim import SimConfig
+import kdsim
+from kdsim import SimConfig, models, populations, streams
 from kdsim.config import resolve
 from kdsim.streams import root_key
 from kdsim.tasks import linear_gaussian as lg
+
+# A small linear run (3 datasets x 64 particles) shared by the simulate, io and plot tests.
+SMALL_LINEAR = {"task": {"d": 3, "k": 2, "n": 16}, "teacher": {"num_steps": 40},
+                "num_datasets": 3, "num_particles": 64}
 
 # Parameters deliberately differ between teacher and student (gamma, prior, init, steps,
 # and hence the default step size), so a mix-up between the two cannot go unnoticed;
@@ -238,3 +244,20 @@ def z_spread_ok(z, familywise: float = 1e-3) -> tuple[bool, float, float]:
     z = np.asarray(z, np.float64).ravel()
     stat, limit = float(np.sum(z**2)), float(sps.chi2.ppf(familywise, z.size))
     return stat >= limit, stat, limit
+
+
+def builtin_model(width=6, depth=2, out=3, d=5, kind="mlp"):
+    """A built-in model and its prepared form (``models.prepare``), float32."""
+    cfg = kdsim.ModelConfig(kind=kind, width=width, depth=depth, activation="tanh")
+    model = models.builtin(cfg, out, (d,))
+    return model, models.prepare(model, role="teacher_model", input_shape=(d,), out=out,
+                                 dtype="float32")
+
+
+def initial_draws(prepared, P, init_scale=0.7, stream="teacher_init"):
+    """Initial particles of one dataset, as the engine draws them (leaves ``(P, ...)``)."""
+    state, _ = populations._model_init(
+        streams.root_key(0), jnp.arange(1, dtype=jnp.uint32), jnp.arange(P, dtype=jnp.uint32),
+        jnp.float32(init_scale), prepared.scale_tree(jnp.float32), structure=prepared.structure,
+        init_stream=stream, noise_stream="teacher_noise", dtype="float32")
+    return jax.tree_util.tree_map(lambda x: x[0], state.position)

@@ -1,10 +1,15 @@
-"""Configuration: defaults (API.md), round trips, validation messages, resolution."""
+"""Configuration (kdsim/config.py): defaults (API.md), round trips, validation messages,
+resolution, and random (hypothesis) dicts and TOML texts that give a config or the
+promised one-line ConfigError, never anything else."""
 
 import math
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import kdsim
+from kdsim import config as config_mod
 from kdsim.config import (ConfigError, SimConfig, field_paths, load_config, parse_toml,
                           resolve)
 
@@ -154,3 +159,94 @@ def test_step_sizes_are_judged_on_the_data_not_at_resolve():
     # (tests/test_robustness.py); the Marchenko--Pastur estimate only sets the default
     assert resolve(SimConfig.from_dict({"teacher": {"step_size": 0.1}})).warnings == ()
     assert resolve(SimConfig()).warnings == ()
+
+
+def test_girsanov_refuses_where_it_does_not_bound():
+    for over, why in [({"student.rank": 2}, "rank-r student"),
+                      ({"student.langevin.step_size": 1e-4}, "step size differs"),
+                      ({"student.langevin.num_steps": 10}, "number of steps differs"),
+                      ({"student.langevin.init_scale": 0.5}, "initial law differs")]:
+        cfg = SimConfig.from_dict({"task": {"d": 3}}).replace(over)
+        res = resolve(cfg)
+        assert not res.girsanov and why in res.girsanov_reason
+        with pytest.raises(kdsim.ConfigError, match="bound_divergence = 'girsanov' does not apply"):
+            resolve(cfg.replace({"estimators.bound_divergence": "girsanov"}))
+
+
+FIELDS = field_paths()
+
+
+SETTINGS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+values = st.one_of(
+    st.none(), st.booleans(), st.integers(-10**12, 10**12),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=12),
+    st.sampled_from(["linear_gaussian", "mlp_regression", "mlp_classification", "tanh", "relu",
+                     "exact", "knn", "girsanov", "empirical", "float64", "highest"]),
+    st.lists(st.integers(0, 5), max_size=3), st.dictionaries(st.text(max_size=4), st.integers(), max_size=2))
+
+
+keys = st.one_of(st.sampled_from(FIELDS), st.text(max_size=16),
+                 st.sampled_from([f + "x" for f in FIELDS[:10]] + ["task", "teacher.model", "student"]))
+
+
+def _valid_or_config_error(build):
+    """Either a valid, round-trippable config, or a ConfigError: nothing else."""
+    try:
+        cfg = build()
+    except ConfigError as err:
+        assert str(err) and "\n" not in str(err)
+        return None
+    assert isinstance(cfg, SimConfig)
+    assert SimConfig.from_dict(cfg.to_dict()) == cfg
+    assert SimConfig.from_dict(parse_toml(cfg.to_toml())) == cfg
+    try:
+        config_mod.resolve(cfg)
+    except ConfigError:
+        pass
+    return cfg
+
+
+@SETTINGS
+@given(st.dictionaries(keys, values, max_size=6))
+def test_random_dicts_give_a_config_or_the_promised_error(d):
+    _valid_or_config_error(lambda: SimConfig.from_dict(d))
+
+
+@SETTINGS
+@given(st.one_of(st.text(max_size=200), st.binary(max_size=200).map(lambda b: b.decode("latin-1"))))
+def test_random_toml_text_gives_a_config_or_the_promised_error(text):
+    _valid_or_config_error(lambda: SimConfig.from_dict(parse_toml(text)))
+
+
+@st.composite
+def near_valid_toml(draw):
+    """Valid-looking TOML: real field names with random TOML literals (bad types, ranges,
+    nan/inf, arrays, tables)."""
+    literal = st.one_of(st.integers(-10**6, 10**6).map(str), st.floats(allow_nan=True).map(
+        lambda x: "nan" if math.isnan(x) else ("inf" if x == math.inf else ("-inf" if x == -math.inf else repr(x)))),
+        st.sampled_from(["true", "false", '"float32"', '"relu"', '"exact"', "[1, 2]", "{a = 1}",
+                         '"__import__(\'os\').system(\'true\')"', "1e309", "0", "-0.0", '""']))
+    lines = [f"{draw(st.sampled_from(FIELDS))} = {draw(literal)}" for _ in range(draw(st.integers(1, 5)))]
+    return "\n".join(lines) + "\n"
+
+
+@SETTINGS
+@given(near_valid_toml())
+def test_near_valid_toml_gives_a_config_or_the_promised_error(text):
+    _valid_or_config_error(lambda: SimConfig.from_dict(parse_toml(text)))
+
+
+def test_configs_are_data_and_size_capped(tmp_path):
+    with pytest.raises(ConfigError, match="num_particles must be an integer"):
+        SimConfig.from_dict(parse_toml('num_particles = "__import__(\'os\').getpid()"'))
+    big = tmp_path / "big.toml"
+    big.write_text("# " + "x" * config_mod.MAX_TOML_BYTES + "\n")
+    with pytest.raises(ConfigError, match=f"the limit is {config_mod.MAX_TOML_BYTES}"):
+        kdsim.load_config(big)
+    for bad, field in (({"teacher": {"step_size": float("nan")}}, "teacher.step_size"),
+                       ({"student": {"temperature": float("inf")}}, "student.temperature"),
+                       ({"max_diverged_fraction": 1.5}, "max_diverged_fraction")):
+        with pytest.raises(ConfigError, match=field):
+            SimConfig.from_dict(bad)

@@ -6,18 +6,20 @@ counterpart are compared with the `finite_time` closed forms. Multivariate check
 exact chi-square statistics (Mahalanobis distance of the mean; whitened sample
 covariance of the joint teacher/student row), turned into one-sided z-scores; all
 z-scores of a case must stay within the Bonferroni limit at family-wise level 1e-3.
+Under step-size schedules the laws iterate the engine's h_t.
 """
 
 import numpy as np
 import pytest
 from scipy import stats as sps
 
-from kdsim import closed_form, run_populations
-from kdsim.config import resolve
-from kdsim import evaluation
+import kdsim
+from kdsim import closed_form, evaluation, run_populations
+from kdsim.config import SimConfig, resolve
 from kdsim.stats import bonferroni_z
 
 from helpers import assert_never_flagged, config, z_from_p, z_spread_ok
+
 
 CASES = [(r, a, nu) for r in (None, 2) for a in (0.0, 0.3, 1.0) for nu in (0.0, 0.5)
          if not (a == 1.0 and nu == 0.5)]
@@ -106,3 +108,29 @@ def test_a_wrong_law_is_detected():
     zs = [_mean_chi2(V[e], laws.M_V[e], laws.Sigma_V[e]) for e in range(E)]
     zs += [_cov_chi2(V[e], laws.M_V[e], laws.Sigma_V[e]) for e in range(E)]
     assert max(zs) > bonferroni_z(len(zs)) + 2
+
+
+@pytest.mark.parametrize("schedule", ["polynomial", "cosine"])
+def test_linear_closed_forms_follow_the_schedule(schedule):
+    """Under a schedule the finite-time laws iterate the engine's h_t: the teacher
+    population's per-coordinate means and variances match them by z-score, and differ
+    from the constant-step laws by many standard errors."""
+    over = {"teacher.schedule": schedule, "teacher.schedule_offset": 5.0, "teacher.num_steps": 60,
+            "teacher.step_size": 0.02, "task.d": 3, "task.k": 1, "task.n": 16, "num_datasets": 2,
+            "num_particles": 2000}
+    cfg = SimConfig.from_dict({}).replace(over)
+    run = kdsim.run_populations(cfg)
+    res = resolve(cfg)
+    laws = closed_form.finite_time(run.data, res.static, res.numeric)
+    const = closed_form.finite_time(run.data, resolve(cfg.replace({"teacher.schedule": "constant"})).static,
+                                    res.numeric)
+    W = run.populations.teacher.astype(np.float64)[:, :, 0]            # (E, P, d)
+    P = W.shape[1]
+    m, v = W.mean(1), W.var(1, ddof=1)
+    sd_m = np.sqrt(np.diagonal(laws.Sigma_T, axis1=1, axis2=2) / P)
+    var = np.diagonal(laws.Sigma_T, axis1=1, axis2=2)
+    z = np.concatenate([((m - laws.M_T[:, 0]) / sd_m).ravel(), ((v - var) / (var * np.sqrt(2 / (P - 1)))).ravel()])
+    assert np.max(np.abs(z)) < bonferroni_z(z.size)
+    # the schedule matters: the constant-step law is far off, by the same yardstick
+    z_const = ((v - np.diagonal(const.Sigma_T, axis1=1, axis2=2)) / (var * np.sqrt(2 / (P - 1)))).ravel()
+    assert np.max(np.abs(z_const)) > 3 * bonferroni_z(z.size)

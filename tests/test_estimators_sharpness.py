@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 from scipy.optimize import minimize
 
-from kdsim import evaluation, run_populations
+from kdsim import evaluation, langevin, models, run_populations
 from kdsim.estimators import sharpness
 from kdsim.stats import bonferroni_z
 
@@ -128,3 +129,23 @@ def test_linear_teacher_sharpness_matches_exact_hessian():
     # Laplace: Cov ~ (gamma H + I/s0^2)^{-1} near stationarity; 2000 particles in 8 dims
     np.testing.assert_allclose(df["sharpness_laplace_trace"], trace, rtol=0.1)
     assert np.all(df["rho"] > 0) and np.all(df["gap_gradient"] > 0)
+
+
+def test_mlp_sharpness_matches_jax_hessian():
+    model = models.MLP(width=6, depth=1, out=2, activation="tanh")
+    with jax.enable_x64(True):
+        tmpl = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 3), jnp.float64))["params"]
+        w = langevin.gaussian_like(jax.random.key(0), jax.tree_util.tree_map(
+            lambda s: jnp.zeros(s.shape, jnp.float64), tmpl))
+        rng = np.random.default_rng(1)
+        X = jnp.asarray(rng.normal(size=(20, 3)))
+        Y = jnp.asarray(rng.normal(size=(20, 2)))
+        f = lambda v: jnp.mean(0.5 * jnp.sum((Y - model.apply({"params": v}, X)) ** 2, -1))
+        flat, unravel = ravel_pytree(w)
+        H = np.asarray(jax.hessian(lambda u: f(unravel(u)))(flat))
+        ev = np.linalg.eigvalsh(H)
+        top = float(jax.jit(lambda k: sharpness.top_eigenvalue(f, w, k, 600))(jax.random.key(1)))
+        assert top == pytest.approx(ev[-1], rel=1e-4)
+        tr, se = (float(x) for x in jax.jit(lambda k: sharpness.hutchinson_trace(f, w, k, 500))(
+            jax.random.key(2)))
+        assert abs(tr - np.trace(H)) < bonferroni_z(1) * se

@@ -1,10 +1,12 @@
-"""The Langevin kernel runs exactly the Euler--Maruyama chain; divergence is sticky."""
+"""The Langevin kernel (kdsim/langevin.py) runs exactly the Euler--Maruyama chain;
+divergence is sticky; step-size schedules are the optax and SGLD ones."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kdsim import langevin, streams
+from kdsim import closed_form, langevin, streams
+from kdsim.config import SimConfig, resolve
 
 
 def _quadratic_kernel(A, b, h):
@@ -109,3 +111,18 @@ def test_prior_normalised_norm_uses_per_leaf_scales():
     assert not bool(langevin.region_test(2.0, 10.0, scales)(tree))
     assert bool(langevin.region_test(2.0, 10.0, scales)({"a": jnp.array([np.nan, 0.0]),
                                                           "b": jnp.zeros((1, 1))}))
+
+
+def test_schedules_are_the_optax_and_sgld_ones():
+    hs = langevin.step_sizes("polynomial", 0.1, 4, 10.0)
+    np.testing.assert_allclose(hs, 0.1 * (10.0 / (10.0 + np.arange(4))) ** 0.55, rtol=1e-12)
+    cos = langevin.step_sizes("cosine", 0.1, 5)
+    np.testing.assert_allclose(cos, 0.05 * (1 + np.cos(np.pi * np.arange(5) / 5)), rtol=1e-12)
+    # a constant "schedule" iterated step by step is the closed-form power formula
+    lam = np.array([0.5, 3.0, 9.0])
+    R, cov = closed_form._scheduled_terms(lam, np.full(40, 0.05), 1.3)
+    a, rho2, b = closed_form._power_terms(lam, 0.05, 40)
+    np.testing.assert_allclose(R, a / lam, rtol=1e-10)
+    np.testing.assert_allclose(cov, rho2 * 1.3**2 + 2 * b / (lam * (2 - 0.05 * lam)), rtol=1e-10)
+    cfg = SimConfig.from_dict({"task": {"d": 3}, "student": {"langevin": {"schedule": "cosine"}}})
+    assert "schedule differs" in resolve(cfg).girsanov_reason

@@ -1,22 +1,20 @@
-"""Scale without changing the laws: particle chunks, device layouts, the memory guard,
-the linear fast path and the engine's matmul precision. Layouts draw the same numbers
-and agree to float32 rounding (SPEC §11: tests/helpers.py holds the tolerances)."""
-
-import json
-import os
-import subprocess
-import sys
+"""The population engine (kdsim/populations.py): autodiff energy gradients against the
+SPEC energies, the vectorised population against single chains, particle chunks, the
+Girsanov accumulator, the linear fast path and the matmul precision. Layouts draw the same
+numbers and agree to float32 rounding (SPEC §11: tests/helpers.py holds the tolerances)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
 
 import kdsim
-from kdsim import memory, populations
-from kdsim.config import ConfigError, SimConfig, resolve
+from kdsim import langevin, models, populations, streams
+from kdsim.config import ConfigError, LangevinNumeric, SimConfig, resolve
 
-from helpers import ESTIMATE_RTOL_F64, assert_layout_close, flat_states
+from helpers import assert_layout_close, builtin_model, flat_states, initial_draws
+
 
 SMALL = {"task": {"d": 4, "k": 2, "n": 32}, "teacher": {"num_steps": 60},
          "student": {"langevin": {"num_steps": 40}}, "num_datasets": 2, "num_particles": 10}
@@ -64,40 +62,6 @@ def test_particle_chunks_in_an_mlp_task(task, chunk):
     np.testing.assert_array_equal(chunked.diverged_S, whole.diverged_S)
 
 
-def test_memory_guard_stops_before_allocating_and_says_how_to_chunk():
-    cfg = SimConfig.from_dict({"num_datasets": 16, "num_particles": 1 << 20})
-    res = resolve(cfg)
-    est = memory.estimate(res)
-    free_device = est.engine_bytes / 10            # a tenth of what the whole population needs
-    with pytest.raises(memory.MemoryBudgetError, match=r"set particle_chunk <= (\d+)") as err:
-        memory.check(res, free=(free_device, float("inf")))
-    suggested = int(err.value.args[0].split("particle_chunk <= ")[1].split()[0])
-    assert 0 < suggested < (1 << 20) // 10
-    chunked = resolve(cfg.replace({"particle_chunk": suggested}))
-    memory.check(chunked, free=(free_device, float("inf")))     # the advice works
-    with pytest.raises(memory.MemoryBudgetError, match="host memory"):
-        memory.check(res, free=(float("inf"), est.host_bytes / 2))
-    # the populations alone (run_populations) need less than a whole simulate
-    assert est.population_bytes < est.host_bytes
-    memory.check(res, free=(float("inf"), est.population_bytes * 2), evaluate=False)
-    assert isinstance(memory.MemoryBudgetError("x"), ConfigError)   # CLI: one line, exit 2
-
-
-def test_simulate_refuses_a_run_that_cannot_fit(monkeypatch):
-    monkeypatch.setattr(memory, "available", lambda: (1e6, 1e12))
-    called = []
-    monkeypatch.setattr(populations, "run_linear", lambda *a, **k: called.append(1))
-    with pytest.raises(memory.MemoryBudgetError, match="particle_chunk"):
-        kdsim.simulate({"num_particles": 100_000})
-    assert not called
-
-
-def test_memory_estimate_grows_with_the_chunk_not_the_population():
-    a = memory.estimate(resolve(SimConfig.from_dict({"num_particles": 4096, "particle_chunk": 512})))
-    b = memory.estimate(resolve(SimConfig.from_dict({"num_particles": 65536, "particle_chunk": 512})))
-    assert a.engine_bytes == b.engine_bytes and b.host_bytes == 16 * a.host_bytes
-
-
 def test_linear_step_cost_does_not_grow_with_n():
     """The compiled teacher segment sees the data only through X^T X / n and Y^T X / n."""
     from kdsim.progress import SEGMENT_STEPS
@@ -128,58 +92,150 @@ def test_engine_precision_is_validated_and_keeps_float32_rounding():
     assert_layout_close(b.student, a.student, "student")
 
 
-_CHILD = r"""
-import json, sys, numpy as np, jax, kdsim
-for i, cfg in enumerate(json.loads(sys.argv[1])):
-    res = kdsim.simulate(cfg)
-    run = kdsim.run_populations(cfg)
-    np.savez(f"{sys.argv[2]}/per_dataset_{i}.npz", **{c: res.per_dataset[c].to_numpy(float)
-             for c in ("gen_T", "gen_S", "gen_T_se", "kl_gaussian_diag", "B0_upper", "F_B0_upper")})
-    flat = lambda t: np.concatenate([np.reshape(x, np.shape(x)[:2] + (-1,)) for x in jax.tree_util.tree_leaves(t)], -1)
-    np.savez(f"{sys.argv[2]}/pops_{i}.npz", T=flat(run.populations.teacher), S=flat(run.populations.student),
-             G=run.populations.girsanov, n=jax.local_device_count())
-"""
-
-SPREAD = [{**SMALL_G, "num_datasets": 4},                                # datasets split
-          {**SMALL_G, "num_datasets": 3, "num_particles": 12, "dtype": "float64",
-           "particle_chunk": 8}]                                         # particles split, chunks, float64
 # (MLP populations in other batch shapes: test_particle_chunks_in_an_mlp_task here, split
 # over two processes: tests/test_sharding.py)
 
 
-def test_population_spread_over_four_devices(tmp_path):
-    """Split over datasets or over particles (and chunked), the states agree with one
-    device to float32 rounding (the same draws; XLA may pick other kernels for other
-    shapes). In float64 every estimate agrees within 1e-10 relative."""
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4",
-           "JAX_PLATFORMS": "cpu", "CI": "1"}
-    subprocess.run([sys.executable, "-c", _CHILD, json.dumps(SPREAD), str(tmp_path)], env=env,
-                   check=True, timeout=600)
-    for i, cfg in enumerate(SPREAD):
-        four, one = np.load(tmp_path / f"pops_{i}.npz"), _pops(cfg)
-        assert int(four["n"]) == 4
-        dt = cfg.get("dtype", "float32")
-        assert_layout_close(four["T"], flat_states(one.teacher), f"config {i} teacher", dt)
-        assert_layout_close(four["S"], flat_states(one.student), f"config {i} student", dt)
-        assert_layout_close(four["G"], one.girsanov, f"config {i} girsanov", dt)
-        if cfg.get("dtype") == "float64":
-            multi = np.load(tmp_path / f"per_dataset_{i}.npz")
-            single = kdsim.simulate(cfg).per_dataset
-            for col in multi.files:
-                np.testing.assert_allclose(multi[col], single[col].to_numpy(float),
-                                           rtol=ESTIMATE_RTOL_F64, err_msg=col)
+@pytest.mark.parametrize("classification", [False, True])
+def test_student_energy_gradient_matches_the_spec_energy(classification):
+    """The engine's autodiff gradients (one vjp, two cotangents) against ``jax.grad`` of
+    the SPEC energies written out here, with per-leaf prior scales that differ by leaf."""
+    model, prep = builtin_model(width=5, depth=1, out=3, d=4)
+    both = initial_draws(prep, 2, init_scale=1.0)
+    w, w_T = (jax.tree_util.tree_map(lambda x: x[i], both) for i in range(2))
+    rng = np.random.default_rng(0)
+    X = jnp.asarray(rng.normal(size=(7, 4)), jnp.float32)
+    Y = jnp.asarray(rng.integers(0, 3, 7)) if classification else jnp.asarray(rng.normal(size=(7, 3)), jnp.float32)
+    p = LangevinNumeric(20.0, 0.8, 1.0, 1e-3)
+    p_T = LangevinNumeric(30.0, 1.3, 1.0, 1e-3)
+    alpha, tau, nu_T = 0.3, 2.0, 0.4
+    s_leaf = {"NTKDense_0": {"bias": 2.0, "kernel": 0.5}, "NTKDense_1": {"bias": 1.5, "kernel": 0.25}}
+    f_T = model.apply(w_T, X)
+    if classification:
+        target = jax.nn.softmax(f_T / tau)
+    else:
+        target = f_T + nu_T * jnp.asarray(rng.normal(size=(7, 3)), jnp.float32)
+
+    def task(v):
+        f = model.apply(v, X)
+        if classification:
+            return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(f), Y[:, None], 1))
+        return jnp.mean(0.5 * jnp.sum((Y - f) ** 2, 1))
+
+    def kd(v):
+        f = model.apply(v, X)
+        if classification:
+            q = jax.nn.log_softmax(f / tau)
+            return tau**2 * jnp.mean(jnp.sum(target * (jnp.log(target) - q), 1))
+        return jnp.mean(0.5 * jnp.sum((target - f) ** 2, 1))
+
+    def prior(v, s0):
+        return sum(jnp.sum(v[l][k] ** 2) / (2 * s0**2 * s_leaf[l][k] ** 2) for l in v for k in v[l])
+
+    U_S = lambda v: p.gamma * (alpha * task(v) + (1 - alpha) * kd(v)) + prior(v, p.prior_scale)
+    U_T = lambda v: p_T.gamma * task(v) + prior(v, p_T.prior_scale)
+    inv = lambda q: jax.tree_util.tree_map(lambda s: 1.0 / (q.prior_scale * s) ** 2, s_leaf)
+    grad = populations.student_energy_grad(model.apply, classification, p, p_T, alpha, tau,
+                                           inv(p), inv(p_T), girsanov=True)
+    g_S, diff = grad(w, (X, Y), target)
+    flat = lambda t: ravel_pytree(t)[0]
+    np.testing.assert_allclose(flat(g_S), flat(jax.grad(U_S)(w)), rtol=2e-4, atol=2e-4)
+    expect = flat(jax.grad(U_S)(w)) - flat(jax.grad(U_T)(w))
+    np.testing.assert_allclose(flat(diff), expect, rtol=2e-4, atol=2e-4)
+    g_T = populations.teacher_energy_grad(model.apply, classification, p_T, inv(p_T))(w, (X, Y))
+    np.testing.assert_allclose(flat(g_T), flat(jax.grad(U_T)(w)), rtol=2e-4, atol=2e-4)
 
 
-def test_layout_chooses_the_axis_that_divides():
-    from kdsim import sharding
-    devs = jax.local_devices()
-    assert sharding.layout(16, 256, devs[:1]).mesh is None
-    assert sharding.layout(3, 5, devs[:1] * 4) == sharding.Layout(None, None)   # nothing divides
-    assert sharding.split_axis(1, 4, 4) == 1 and sharding.split_axis(4, 3, 4) == 0
-    env = {}
-    sharding.cpu_device_flags(env)
-    assert env["XLA_FLAGS"].startswith("--xla_force_host_platform_device_count=")
-    sharding.cpu_device_flags(env)                       # idempotent
-    assert env["XLA_FLAGS"].count("device_count") == 1
+def test_population_engine_is_the_single_chain_euler_maruyama():
+    """The vectorised population equals particle-by-particle `langevin.run`, same keys."""
+    cfg = SimConfig.from_dict({"task": {"name": "mlp_regression", "d": 4, "n": 32, "k": 2},
+                               "teacher": {"num_steps": 5, "model": {"width": 8}},
+                               "num_datasets": 2, "num_particles": 3})
+    run = kdsim.run_populations(cfg)
+    res = resolve(cfg)
+    teacher = run.models[0]
+    root = streams.root_key(cfg.seed)
+    p = jax.tree_util.tree_map(jnp.float32, res.numeric.teacher)
+    inv = jax.tree_util.tree_map(lambda s: 1.0 / (p.prior_scale * s) ** 2, teacher.scale_tree(jnp.float32))
+    grad = populations.teacher_energy_grad(teacher.apply, False, p, inv)
+    kernel = langevin.build_kernel(lambda w, b: grad(w, b), langevin.schedule("constant", p.step_size, 5))
+    zeros = teacher.structure.zeros(jnp.float32)
+
+    @jax.jit
+    def one_chain(e, i, X, Y):
+        w0 = jax.tree_util.tree_map(lambda z: p.init_scale * z, langevin.gaussian_like(
+            streams.particle_key(root, "teacher_init", e, i), zeros))
+        return langevin.run(kernel, streams.particle_key(root, "teacher_noise", e, i),
+                            kernel.init(w0), 0, 5, (X, Y))[0]
+
+    for e in range(2):
+        for i in range(3):
+            st = one_chain(e, i, jnp.asarray(run.data.X[e]), jnp.asarray(run.data.Y[e]))
+            got = jax.tree_util.tree_map(lambda x: x[e, i], run.populations.teacher)
+            np.testing.assert_allclose(ravel_pytree(got)[0], ravel_pytree(st.position)[0], rtol=1e-5, atol=1e-6)
 
 
+def test_girsanov_upper_bounds_the_exact_kl_and_grows_with_steps():
+    vals = []
+    for steps in (50, 200, 800):
+        res = kdsim.simulate({"task": {"d": 3, "n": 32}, "teacher": {"num_steps": steps},
+                              "student": {"alpha": 0.3, "teacher_noise": 0.3},
+                              "num_datasets": 3, "num_particles": 128})
+        df = res.per_dataset
+        assert np.all(df["kl_girsanov"] - 3 * df["kl_girsanov_se"] >= df["kl_exact"])
+        vals.append(df["kl_girsanov"].mean())
+    assert vals[0] < vals[1] < vals[2]
+    # past the burn-in the path-space sum grows about linearly in the number of steps
+    assert 2.5 < vals[2] / vals[1] < 4.5
+
+
+def test_autodiff_energy_gradient_matches_finite_differences():
+    """The engine's teacher and student gradients (built-in CNN, float64) against central
+    finite differences of the SPEC §2 energies along random directions."""
+    D, K = 6, 3
+    with jax.enable_x64(True):
+        cfg = kdsim.ModelConfig(kind="cnn", channels=3, kernel_size=3, depth=2, activation="tanh")
+        prep = models.prepare(models.builtin(cfg, K, (D,), "float64"), role="teacher_model",
+                              input_shape=(D,), out=K, dtype="float64")
+        rng = np.random.default_rng(3)
+        zeros = prep.structure.zeros(jnp.float64)
+        w = langevin.gaussian_like(jax.random.key(4), zeros)
+        w_T = langevin.gaussian_like(jax.random.key(5), zeros)
+        X = jnp.asarray(rng.normal(size=(9, D)))
+        Y = jnp.asarray(rng.integers(0, K, 9))
+        p = LangevinNumeric(15.0, 0.9, 1.0, 1e-3)
+        p_T = LangevinNumeric(25.0, 1.2, 1.0, 1e-3)
+        inv = lambda q: jax.tree_util.tree_map(lambda s: 1.0 / (q.prior_scale * s) ** 2,
+                                               prep.scale_tree(jnp.float64))
+        target = jax.nn.softmax(prep.apply(w_T, X) / 1.5)
+        flat, unravel = ravel_pytree(w)
+
+        def energy_S(u):
+            f = prep.apply(unravel(u), X)
+            task = -jnp.mean(jax.nn.log_softmax(f)[jnp.arange(9), Y])
+            kd = 1.5**2 * jnp.mean(jnp.sum(target * (jnp.log(target) - jax.nn.log_softmax(f / 1.5)), 1))
+            return p.gamma * (0.4 * task + 0.6 * kd) + jnp.sum(u * u) / (2 * p.prior_scale**2)
+
+        grad = populations.student_energy_grad(prep.apply, True, p, p_T, 0.4, 1.5, inv(p), inv(p_T),
+                                               girsanov=False)
+        g = ravel_pytree(grad(w, (X, Y), target))[0]
+        for i in range(4):
+            v = jnp.asarray(rng.normal(size=flat.shape))
+            eps = 1e-5
+            fd = (energy_S(flat + eps * v) - energy_S(flat - eps * v)) / (2 * eps)
+            assert float(jnp.dot(g, v)) == pytest.approx(float(fd), rel=1e-6, abs=1e-8)
+
+
+def test_linear_sufficient_statistics_gradient_matches_autodiff():
+    """The linear fast path ``gamma (W Cxx - Cyx) + W / s0^2`` is the gradient of
+    ``gamma * mean_i 0.5 ||y_i - W x_i||^2 + ||W||^2 / (2 s0^2)`` (data, not statistics)."""
+    with jax.enable_x64(True):
+        rng = np.random.default_rng(0)
+        X, Y = rng.normal(size=(40, 5)), rng.normal(size=(40, 2))
+        W = jnp.asarray(rng.normal(size=(2, 5)))
+        p = LangevinNumeric(12.0, 0.7, 1.0, 1e-3)
+        C, B = jnp.asarray(X.T @ X / 40), jnp.asarray(Y.T @ X / 40)
+        fast = populations._linear_grad(p)(W, (C, B), None)
+        energy = lambda W: p.gamma * 0.5 * jnp.mean(jnp.sum((Y - X @ W.T) ** 2, 1)) \
+            + jnp.sum(W * W) / (2 * p.prior_scale**2)
+        np.testing.assert_allclose(np.asarray(fast), np.asarray(jax.grad(energy)(W)), rtol=1e-12)

@@ -1,22 +1,42 @@
-"""simulate() on random valid configs ends in a Result or one of kdsim's documented
-errors (ConfigError, DivergenceError, MemoryBudgetError): never a linear-algebra
-traceback and never finite garbage from runaway chains.
+"""What kdsim does when things go wrong (a cross-cutting suite).
 
-Shapes are fixed and small (only the task, the student's rank and the dtype change the
-compiled programs, which the examples then share: numeric fields are traced); step sizes are drawn around the stability limit
-(half of it up to a thousand times it), in float32 and float64.
+simulate() on random valid configs ends in a Result or one of kdsim's documented
+errors (ConfigError, DivergenceError, MemoryBudgetError): never a linear-algebra
+traceback and never finite garbage from runaway chains. Shapes are fixed and small (only
+the task, the student's rank and the dtype change the compiled programs, which the
+examples then share: numeric fields are traced); step sizes are drawn around the
+stability limit (half of it up to a thousand times it), in float32 and float64.
+
+Step sizes beyond the stability limit are refused before any chain runs, naming the
+field, its value and the limit (simulate, CLI, sweeps); blow-ups that still happen are
+detected, reported with the step, kept out of the estimates, and the computed run is
+kept (DivergenceError.run, divergence.npz); singular closed forms give NaN with a reason.
 """
 
+import importlib
+import os
+import subprocess
+import sys
 
+import jax
 import numpy as np
 import pandas as pd
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import kdsim
+from kdsim import closed_form, evaluation, populations, streams
 from kdsim import config as config_mod
+from kdsim.cli import main as cli_main
 from kdsim.config import ConfigError, SimConfig
 from kdsim.memory import MemoryBudgetError
+from kdsim.tasks import linear_gaussian as lg
+
+from helpers import data_for
+
+simulate_mod = importlib.import_module("kdsim.simulate")   # kdsim.simulate is the function
+
 
 DOCUMENTED = (ConfigError, kdsim.DivergenceError, MemoryBudgetError)
 
@@ -84,16 +104,6 @@ def test_simulate_gives_a_result_or_a_documented_error(cfg):
 # ---------------------------------------------------------------------------------------
 # the three runs of issue 19, the stability limit, and runaway chains
 
-import importlib
-
-import pytest
-
-from kdsim import closed_form, evaluation, populations, streams
-from kdsim.cli import main as cli_main
-
-from helpers import data_for
-
-simulate_mod = importlib.import_module("kdsim.simulate")
 ISSUE = {"dtype": "float64", "task": {"d": 4, "n": 32}, "teacher": {"gamma": 20.0, "num_steps": 200}}
 
 
@@ -188,3 +198,87 @@ def test_a_sweep_point_beyond_the_limit_is_named():
     with pytest.raises(ConfigError, match=r"^sweep point 0 \{'teacher.step_size': 0.3\}: "
                                           r"teacher.step_size = 0.3 is beyond the stability limit"):
         kdsim.sweep(base, {"teacher.step_size": [0.3]}, progress=False)
+
+
+
+
+TINY = {"task": {"d": 3, "k": 2, "n": 12}, "teacher": {"num_steps": 60},
+        "student": {"langevin": {"num_steps": 40}}, "num_datasets": 2, "num_particles": 16}
+
+
+# A linear step size beyond the stability limit is refused before any chain runs
+# (tests/test_robustness.py), so blow-ups are provoked on the MLP task.
+HOT_MLP = {"task": {"name": "mlp_regression", "d": 3, "k": 2, "n": 12, "n_test": 64},
+           "teacher": {"num_steps": 30, "step_size": 10.0, "model": {"width": 4}},
+           "student": {"langevin": {"num_steps": 10}, "model": {"width": 4}},
+           "num_datasets": 2, "num_particles": 16}
+
+
+def test_step_size_ten_times_too_large_fails_clearly_from_the_cli(tmp_path):
+    cfg = tmp_path / "hot.toml"
+    cfg.write_text(SimConfig.from_dict(HOT_MLP).to_toml())
+    out = tmp_path / "out"
+    proc = subprocess.run([sys.executable, "-m", "kdsim", "run", str(cfg), "--out", str(out), "--no-plot"],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "CI": "1"})
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in proc.stderr
+    assert err.startswith("kdsim: error: 32 of 32 teacher chains diverged (100%, the first at step ")
+    assert "reduce teacher.step_size (now 10)" in err
+    assert "nan" not in proc.stdout.lower()
+    record = np.load(out / "divergence.npz")
+    assert record["diverged_T"].all() and (record["diverged_step_T"] >= 0).all()
+
+
+def _with_diverged(run, e, idx):
+    diverged = run.populations.diverged_T.copy()
+    diverged[e, idx] = True
+    steps = run.populations.diverged_step_T.copy()
+    steps[e, idx] = 7
+    return run._replace(populations=run.populations._replace(diverged_T=diverged, diverged_step_T=steps))
+
+
+def test_divergence_error_keeps_the_computed_run():
+    with pytest.raises(kdsim.DivergenceError) as err:
+        kdsim.simulate(HOT_MLP)
+    pops = err.value.run.populations
+    assert pops.diverged_T.all()
+    for leaf in jax.tree_util.tree_leaves(pops.teacher):   # frozen at the last healthy state
+        assert np.isfinite(leaf).all()
+
+
+def test_diverged_pairs_are_dropped_loudly_and_too_many_fail():
+    run = kdsim.run_populations(TINY)
+    hit = _with_diverged(run, 0, [1, 4, 5])
+    per_dataset, _, notes = evaluation.linear_columns(hit)
+    assert per_dataset["diverged_T"].tolist() == [3, 0]
+    assert any(n.startswith("DIVERGED: 3 teacher and 0 student particles") for n in notes)
+    keep = np.setdiff1d(np.arange(16), [1, 4, 5])
+    g_T = lg.gap_np(run.populations.teacher.astype(np.float64), run.data)
+    assert per_dataset["gen_T"][0] == pytest.approx(g_T[0, keep].mean(), rel=1e-12)
+    assert per_dataset["gen_T"][1] == pytest.approx(g_T[1].mean(), rel=1e-12)
+    for col in ("gen_T", "gen_S", "kl_gaussian_diag", "B1_upper"):
+        assert np.isfinite(per_dataset[col]).all(), col
+    simulate_mod.check_divergence(hit)                       # 3 of 32 < 10%... is 9.4%: passes
+    worse = _with_diverged(hit, 1, [0])                      # 4 of 32 = 12.5% > 10%
+    with pytest.raises(kdsim.DivergenceError, match="4 of 32 teacher chains diverged .*the first at step 7"):
+        simulate_mod.check_divergence(worse)
+    lenient = worse._replace(config=worse.config.replace({"max_diverged_fraction": 0.5}))
+    simulate_mod.check_divergence(lenient)
+
+
+def test_a_dataset_left_with_too_few_pairs_is_nan_with_a_reason():
+    run = _with_diverged(kdsim.run_populations(TINY), 1, list(range(14)))
+    per_dataset, _, notes = evaluation.linear_columns(run)
+    assert np.isnan(per_dataset["gen_T"][1]) and np.isfinite(per_dataset["gen_T"][0])
+    assert any("fewer than 4 pairs survived" in n and "[1]" in n for n in notes)
+    assert any("NaN in some datasets" in n and "gen_T (1 of 2)" in n
+               for n in simulate_mod.summary_notes(per_dataset))
+
+
+def test_sweep_names_the_point_that_diverged(tmp_path):
+    with pytest.raises(kdsim.DivergenceError, match=r"sweep point 1 \{'teacher.step_size'"):
+        kdsim.sweep(HOT_MLP, {"teacher.step_size": [1e-4, 10.0]}, out=str(tmp_path / "s"))
+    table = kdsim.load_sweep(tmp_path / "s")                # the finished point is kept
+    assert table["point"].unique().tolist() == [0]
+    assert isinstance(table, pd.DataFrame)

@@ -1,6 +1,6 @@
-"""simulate(): columns, notes, no recompilation, save/load, plot, precision, reproducibility."""
-
-import json
+"""simulate() (kdsim/simulate.py): columns, summary and notes, infinite KLs with their
+reason, no recompilation for numeric fields, bit-identical reruns, float32 against
+float64, Monte Carlo against the exact laws."""
 
 import numpy as np
 import pandas as pd
@@ -8,24 +8,18 @@ import pytest
 
 import kdsim
 from kdsim import populations
-from kdsim.io import NPZ_NAME, JSON_NAME, ResultFileError
 from kdsim.stats import bonferroni_z
 from kdsim.tasks import linear_gaussian as lg
 
-from helpers import assert_never_flagged, linear_truths_np, z_spread_ok
+from helpers import SMALL_LINEAR, assert_never_flagged, linear_truths_np, z_spread_ok
 
-SMALL = {"task": {"d": 3, "k": 2, "n": 16}, "teacher": {"num_steps": 40},
-         "num_datasets": 3, "num_particles": 64}
+
+SMALL = SMALL_LINEAR
 
 ISSUE_COLUMNS = ["dataset", "gen_T", "gen_S", "gen_T_se", "gen_S_se", "gen_T_exact", "gen_S_exact",
                  "kl_exact", "kl_stationary", "klpred_exact", "klpred_convexity",
                  "klpred_convexity_exact", "decomp_bias", "decomp_subspace", "decomp_rank",
                  "decomp_variance", "diverged_T", "diverged_S"]
-
-
-@pytest.fixture(scope="module")
-def small_result():
-    return kdsim.simulate(SMALL)
 
 
 def test_columns_and_summary(small_result):
@@ -76,61 +70,6 @@ def test_numeric_fields_do_not_recompile(small_result):
 def test_same_config_is_bit_identical(small_result):
     again = kdsim.simulate(SMALL)
     pd.testing.assert_frame_equal(again.per_dataset, small_result.per_dataset, check_exact=True)
-
-
-def test_save_load_round_trip_is_exact(small_result, tmp_path):
-    res = small_result
-    res.save(tmp_path / "r")
-    back = kdsim.load_result(tmp_path / "r")
-    pd.testing.assert_frame_equal(back.per_dataset, res.per_dataset, check_exact=True)
-    pd.testing.assert_frame_equal(back.summary, res.summary, check_exact=True)
-    assert back.config == res.config and back.notes == res.notes
-    for key in res.datasets:
-        np.testing.assert_array_equal(back.datasets[key], res.datasets[key])
-    assert back.meta == json.loads(json.dumps(back.meta))
-
-
-def test_round_trip_keeps_infinities(tmp_path):
-    res = kdsim.simulate({**SMALL, "student": {"rank": 1}})
-    res.save(tmp_path / "r")
-    back = kdsim.load_result(tmp_path / "r")
-    pd.testing.assert_frame_equal(back.per_dataset, res.per_dataset, check_exact=True)
-    pd.testing.assert_frame_equal(back.summary, res.summary, check_exact=True)
-
-
-def test_corrupted_or_foreign_results_are_refused(small_result, tmp_path):
-    # a well-formed npz with one value changed: only the checksum can tell
-    small_result.save(tmp_path / "t")
-    npz = tmp_path / "t" / NPZ_NAME
-    with np.load(npz) as f:
-        arrays = {k: f[k].copy() for k in f.files}
-    name = next(k for k, v in arrays.items() if v.dtype == np.float64 and v.size)
-    arrays[name].flat[0] += 1.0
-    np.savez(npz, **arrays)
-    with pytest.raises(ResultFileError, match="checksum"):
-        kdsim.load_result(tmp_path / "t")
-    small_result.save(tmp_path / "r")
-    npz = tmp_path / "r" / NPZ_NAME
-    blob = npz.read_bytes()
-    npz.write_bytes(blob[: len(blob) // 2])
-    with pytest.raises(ResultFileError, match="checksum"):
-        kdsim.load_result(tmp_path / "r")
-    small_result.save(tmp_path / "s")
-    header = json.loads((tmp_path / "s" / JSON_NAME).read_text())
-    header["schema"] = "kdsim.result/999"
-    (tmp_path / "s" / JSON_NAME).write_text(json.dumps(header))
-    with pytest.raises(ResultFileError, match="schema"):
-        kdsim.load_result(tmp_path / "s")
-    with pytest.raises(ResultFileError, match="missing"):
-        kdsim.load_result(tmp_path / "nothing")
-
-
-def test_plot_writes_png(small_result, tmp_path):
-    path = tmp_path / "p.png"
-    fig = small_result.plot(path)
-    assert path.stat().st_size > 10_000
-    titles = [ax.get_title() for ax in fig.axes]
-    assert any("gaps" in t for t in titles)
 
 
 def test_float64_engine_same_datasets_close_values(small_result):

@@ -154,3 +154,35 @@ def test_cli_sweep_and_plot_write_figures(tmp_path):
     assert main(["plot", str(tmp_path / "o")]) == 0
     assert (tmp_path / "o" / "sweep_task.n.png").exists()
     assert main(["sweep", str(tmp_path / "missing.toml"), "--out", str(tmp_path / "x")]) == 2
+
+
+RAY_GRID = {"student.alpha": [0.0, 0.5, 1.0]}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    # only the Ray tests need Ray (the two-process JAX test in test_sharding.py runs without it)
+    ray = pytest.importorskip("ray", reason='the Ray extra is installed by scripts/test.sh: '
+                              'pip install "kdsim[ray]"')
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"CI": "1", "JAX_PLATFORMS": "cpu"}})
+    yield
+    ray.shutdown()
+
+
+def test_ray_sweep_gives_the_serial_table(local_ray, tmp_path):
+    from kdsim import ray_executor
+    table = kdsim.sweep(BASE, RAY_GRID, out=str(tmp_path / "ray"), executor=ray_executor())
+    serial = kdsim.sweep(BASE, RAY_GRID)
+    pd.testing.assert_frame_equal(table, serial, check_exact=True)
+    # the store is the ordinary one: a plain resume reads every point back
+    pd.testing.assert_frame_equal(kdsim.load_sweep(tmp_path / "ray"), serial, check_exact=True)
+
+
+def test_a_failing_ray_point_keeps_the_finished_ones(local_ray, tmp_path):
+    from kdsim import ray_executor
+    # the second point fails: its step size is beyond the data's stability limit
+    hot = {"teacher.step_size": [1e-4, 50.0]}
+    with pytest.raises(Exception, match="sweep point 1 .* beyond the stability limit"):
+        kdsim.sweep(BASE, hot, out=str(tmp_path / "s"), executor=ray_executor())
+    assert kdsim.load_sweep(tmp_path / "s")["point"].unique().tolist() == [0]

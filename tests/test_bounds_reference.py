@@ -1,6 +1,7 @@
-"""The vectorised bounds (one jitted program over all datasets) against the scalar
-reference (tests/scalar_bounds_reference.py: the per-dataset NumPy/SciPy code they
-replaced), on many random CGFs, exact and empirical, and on the edge cases."""
+"""Oracle suite for kdsim/bounds.py and the array CGFs: the vectorised bounds (one jitted
+program over all datasets) against the scalar reference (tests/scalar_bounds_reference.py:
+the per-dataset NumPy/SciPy code they replaced), on many random CGFs, exact and
+empirical, and on the edge cases."""
 
 import math
 
