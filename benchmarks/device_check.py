@@ -37,7 +37,9 @@ def sizes(cpu: bool) -> dict:
         # tiny, and shapes shared where possible (every new shape is a compilation)
         small = {"num_datasets": 4, "num_particles": 32, "teacher": {"num_steps": 50},
                  "estimators": {"scratch": False}}
+        # one MLP task: each costs a compilation of the engine and of the minimal kernel
         return dict(linear=[256], linear_steps=10, mlp=[32], mlp_steps=5, repeats=1,
+                    mlp_tasks=("mlp_regression",),
                     simulate=small, warmup=False,
                     wide={"num_datasets": 256, "num_particles": 4, "teacher": {"num_steps": 10},
                           "estimators": {"scratch": False}},
@@ -147,7 +149,8 @@ def main(argv=None) -> int:
     print(f"accelerator check on {jax.devices()[0]}", flush=True)
     engines: list[dict] = []
     tp.bench_linear(sz["linear"], sz["linear_steps"], sz["repeats"], have_blackjax, engines)
-    tp.bench_mlp(sz["mlp"], sz["mlp_steps"], sz["repeats"], have_blackjax, engines)
+    tp.bench_mlp(sz["mlp"], sz["mlp_steps"], sz["repeats"], have_blackjax, engines,
+                 sz.get("mlp_tasks", ("mlp_regression", "mlp_classification")))
     for r in engines:
         r.pop("_printed", None)
     sims = [simulate_row("default", sz["simulate"], sz["warmup"]),

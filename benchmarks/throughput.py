@@ -259,12 +259,15 @@ def _ntk_mlp(width: int, out: int, d: int):
     return prep.apply, init
 
 
-def bench_mlp(sizes, steps, repeats, have_blackjax, rows):
+def bench_mlp(sizes, steps, repeats, have_blackjax, rows,
+              tasks=("mlp_regression", "mlp_classification")):
     """The MLP engine (autodiff gradients) against a minimal vmapped ``jax.grad`` Langevin
     kernel on the same NTK MLP: regression (teacher phase) and classification (teacher
     and KD student phases, both width MLP_CLS["width"]; the minimal kernel runs the same
-    number of particle-steps on the teacher's energy)."""
+    number of particle-steps on the teacher's energy). ``tasks`` picks which of the two."""
     for task, spec, phases in (("mlp_regression", MLP, 1), ("mlp_classification", MLP_CLS, 2)):
+        if task not in tasks:
+            continue
         classification = task == "mlp_classification"
         out = spec["K"] if classification else spec["k"]
         apply, init = _ntk_mlp(spec["width"], out, spec["d"])
