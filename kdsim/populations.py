@@ -275,9 +275,10 @@ def run_linear(root: jax.Array, res: Resolved, data: lg.LinearData, datasets: np
         p_T, p_S = _cast(numeric.teacher, dtype), _cast(numeric.student, dtype)
         traj_m = static.trajectory_examples if static.trajectory else 0
         X, Y = lay.datasets(_cast((data.X, data.Y), dtype))
+        n_ex = static.n
 
         def traj_init(stream):
-            return (None, lay.particles(traj_mod.init(_keys(root, stream, ds, ps), dtype)))
+            return (None, lay.particles(traj_mod.init(_keys(root, stream, ds, ps), n_ex, dtype)))
 
         t0 = time.perf_counter()
         state, keys = lay.particles(_linear_init(
@@ -505,9 +506,10 @@ def run_model(root: jax.Array, res: Resolved, data: ModelData, datasets: np.ndar
         scales_T, scales_S = teacher_model.scale_tree(dtype), student_model.scale_tree(dtype)
         common = dict(X=X, Y=Y, p_T=p_T, tau=tau, classification=classification, scales_T=scales_T)
         traj_m = st.trajectory_examples if st.trajectory else 0
+        n_ex = st.n
 
         def traj_init(stream):
-            return (None, lay.particles(traj_mod.init(_keys(root, stream, ds, ps), dtype)))
+            return (None, lay.particles(traj_mod.init(_keys(root, stream, ds, ps), n_ex, dtype)))
 
         t0 = time.perf_counter()
         state, keys = lay.particles(_model_init(

@@ -20,8 +20,8 @@ student) and ``gbar = mean_i g_i`` (= ``grad Lhat_D``):
 
 Each step adds ``(h gamma^2 / 4) * [E_J ||g_J - gbar||^2 / (n-1)^2, E_J ||g_J||^2 / n^2]``
 to a particle's running sums (O(1) memory in steps), E_J the mean over all n choices of
-J or over ``m`` indices drawn uniformly with replacement per particle and step (an
-unbiased estimate: the spread over particles then includes the sampling noise, so the
+J or over a sample of ``m`` of them per step (:func:`init`: unbiased, and independent
+across particles, so the spread over particles includes the sampling noise and the
 particle-level standard error stays honest). Per-example gradients come from
 ``jax.vmap(jax.grad(loss_i))`` over the examples: autodiff, for any model.
 """
@@ -40,12 +40,21 @@ class TrajectoryAcc(NamedTuple):
     """Scan carry of one particle's trajectory sums."""
 
     sums: jax.Array    # (2,) [leave-one-out sum, zero-point sum] of (h gamma^2/4) E_J ||delta||^2
-    key: jax.Array     # typed PRNG key: the next step's example sample (unused with all n)
+    start: jax.Array   # int32 [] first example of the next step's sample (unused with all n)
 
 
-def init(keys: jax.Array, dtype) -> TrajectoryAcc:
-    """Zero sums for a population of keys ``(E, P)``."""
-    return TrajectoryAcc(jnp.zeros(keys.shape + (2,), dtype), keys)
+def init(keys: jax.Array, n: int, dtype) -> TrajectoryAcc:
+    """Zero sums and a uniform random starting example per particle, for keys ``(E, P)``.
+
+    A sampled step averages over the m consecutive examples ``start, ..., start + m - 1``
+    (mod n) and the next step starts after them: each example is in a step's sample with
+    probability exactly m/n (the start is uniform and independent of the chain), so every
+    step's E_J is estimated without bias; the sample sweeps the dataset systematically
+    (lower variance than independent draws) and costs no random numbers inside the scan.
+    """
+    E, P = keys.shape
+    start = jax.vmap(lambda k: jax.random.randint(k, (), 0, n))(keys.reshape(-1))
+    return TrajectoryAcc(jnp.zeros((E, P, 2), dtype), start.reshape(E, P).astype(jnp.int32))
 
 
 def _sq_norms(tree: PyTree) -> jax.Array:
@@ -94,13 +103,13 @@ def build(loss_i: Callable, gamma, prior_grad: Callable, n: int, m: int):
         w = pre.position
         if m >= n:
             terms = step_terms(loss_i, w, examples, None, n)
-            key = acc.key
+            start = acc.start
         else:
-            key, sub = jax.random.split(acc.key)
-            idx = jax.random.randint(sub, (m,), 0, n)
+            idx = (acc.start + jnp.arange(m, dtype=jnp.int32)) % n
             gbar = jax.tree_util.tree_map(lambda g, p: (g - p) / gamma, info.grad, prior_grad(w))
             terms = step_terms(loss_i, w, examples, gbar, n, idx)
+            start = (acc.start + m) % n
         scale = 0.25 * info.step_size * gamma**2
-        return TrajectoryAcc(acc.sums + (scale * terms).astype(acc.sums.dtype), key)
+        return TrajectoryAcc(acc.sums + (scale * terms).astype(acc.sums.dtype), start)
 
     return accumulate
