@@ -369,10 +369,12 @@ class EstimatorsConfig(_Validated):
     trajectory_bounds: bool = _f(True, _Bool(), static=True,
                                  doc="accumulate the trajectory bounds (incoherence, Bayes-stability, "
                                      "KD split) along the Langevin runs")
-    trajectory_examples: int | None = _f(None, _Int(1, 1 << 24, optional=True), static=True,
+    trajectory_examples: int | None = _f(1, _Int(1, 1 << 24, optional=True), static=True,
                                          doc="per-example gradients per step for the trajectory bounds: "
-                                             "null = all n; else a uniform sample of that many per "
-                                             "particle and step (reported with its standard error)")
+                                             "null = all n; else that many per particle and step, "
+                                             "sweeping the data from a random start (unbiased; its "
+                                             "noise is in the standard error). All n costs about "
+                                             "n/d times the linear step")
     loss_clip: float | None = _f(None, _Float(gt=0.0, optional=True), static=False,
                                  doc="B for bounds that need a loss in [0, B] (regression: the squared "
                                      "loss clipped at B); null = those bounds are NaN for regression")

@@ -243,11 +243,8 @@ def extend(run, per_dataset: pd.DataFrame, pooled: pd.DataFrame, notes: list[str
         else:
             B = float(clip)
             truth, truth_se = clipped_truth(run, ok, usable, B)
-    cols["gen_S_clipped" if loss == "clipped" else "gen_S_bounded"] = truth
-    if loss == "clipped":
-        cols["gen_S_clipped_se"] = truth_se
-    else:
-        cols.pop("gen_S_bounded")
+    if loss == "clipped" and np.isfinite(B):   # the truth of the bounds, a column of its own
+        cols["gen_S_clipped"], cols["gen_S_clipped_se"] = truth, truth_se
     inp = GenericInputs(traj={c: cols[c] for c, _, _ in TRAJ_COLUMNS},
                         traj_se={c: cols[c + "_se"] for c, _, _ in TRAJ_COLUMNS},
                         truth=truth, truth_se=truth_se, loss=loss, loss_bound=B, loss_reason=reason,
