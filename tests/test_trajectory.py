@@ -11,10 +11,12 @@ loss on fresh test points drawn here with NumPy.
 
 import jax
 import numpy as np
+import pandas as pd
 import pytest
 from scipy import stats as sps
 
 from kdsim import generic_bounds as gb
+from kdsim import generic_tables
 from kdsim import run_populations
 from kdsim.config import resolve
 from kdsim.stats import bonferroni_z
@@ -299,3 +301,31 @@ def test_gibbs_identity():
     assert abs(good.value - good.truth) <= 3 * good.diff_se
     wrong = gb.gibbs_identity(M, A, 1.3 * gamma, gen)
     assert abs(wrong.value - wrong.truth) > 4 * wrong.diff_se
+
+
+def test_tables_label_every_row(linear_runs):
+    """The evaluation hook: trajectory columns per dataset, the generic rows, and
+    ``family`` / ``loss`` on every pooled row (KD rows included)."""
+    cfg, run = linear_runs[None]
+    run = run._replace(config=cfg.replace({"estimators.loss_clip": 1.0}))
+    per = pd.DataFrame({"dataset": np.arange(E)})
+    kd = pd.DataFrame({"value": [1.0, 2.0], "truth": [0.5, 0.5], "tightness": [0.5, 1.5],
+                       "valid": [1.0, 1.0]}, index=pd.Index(["B0_upper", "F_B0_upper"], name="bound"))
+    per, pooled, notes = generic_tables.extend(run, per, kd, [])
+    pops = run.populations
+    assert np.allclose(per["traj_teacher"], pops.traj_teacher[..., 0].mean(1))
+    assert np.allclose(per["traj_bs_student"], pops.traj_student[..., 1].mean(1))
+    assert list(pooled.index) == ["B0_upper", "F_B0_upper", "incoherence_upper",
+                                  "bayes_stability_upper", "kd_split_upper", "gibbs_identity"]
+    assert list(pooled["family"]) == ["kd", "kd"] + ["generic"] * 4
+    assert list(pooled["loss"]) == ["squared", "squared", "clipped", "clipped", "clipped", "squared"]
+    assert np.all(np.isfinite(pooled["value"])) and np.all(np.isfinite(per["gen_S_clipped"]))
+    # alpha = 0.3: the single-run generic bounds' assumption fails, the KD split's holds
+    assert list(pooled["assumption"].iloc[2:5]) == [0.0, 0.0, 1.0]
+    assert any("assumption False" in n for n in notes)
+    # the truth agrees with the independent NumPy truth of the same populations
+    truth, se = _clipped_truth(run, 1.0, np.random.default_rng(2))
+    got = pooled.loc["kd_split_upper"]
+    assert abs(got["truth"] - truth) <= 4 * np.hypot(got["truth_se"], se)
+    classification = generic_tables.label_rows(kd, classification=True)
+    assert list(classification["loss"]) == ["ce", "01"]
