@@ -141,20 +141,22 @@ def label_rows(pooled: pd.DataFrame, classification: bool) -> pd.DataFrame:
 # from a run to the inputs
 
 
-def trajectory_columns(pops, ok: np.ndarray, usable: np.ndarray) -> tuple[dict, list[str]]:
+def trajectory_columns(pops, ok: np.ndarray, usable: np.ndarray, n: int) -> tuple[dict, list[str]]:
     """Per-dataset means (over surviving pairs) of the trajectory sums, with their se."""
     E = ok.shape[0]
     cols, notes = {}, []
     for col, field, i in TRAJ_COLUMNS:
         sums = getattr(pops, field, None)
         cols[col], cols[col + "_se"] = np.full(E, np.nan), np.full(E, np.nan)
-        if sums is None:
+        if sums is None or (i == 0 and n < 2):
             continue
         for e in np.flatnonzero(usable):
             cols[col][e], cols[col + "_se"][e] = mean_se(sums[e, ok[e], i])
     if getattr(pops, "traj_teacher", None) is None:
         notes.append("traj_*: NaN, estimators.trajectory_bounds = false")
-    elif getattr(pops, "traj_student", None) is None:
+    elif n < 2:
+        notes.append("traj_teacher, traj_student: NaN, leaving one point out needs n >= 2")
+    if getattr(pops, "traj_teacher", None) is not None and getattr(pops, "traj_student", None) is None:
         notes.append("traj_student, traj_bs_student: NaN, the linear task's soft labels carry "
                      "channel noise (nu_T > 0) drawn only as a sufficient statistic")
     return cols, notes
@@ -227,7 +229,7 @@ def extend(run, per_dataset: pd.DataFrame, pooled: pd.DataFrame, notes: list[str
     pops = run.populations
     ok = ~pops.diverged_T & ~pops.diverged_S
     usable = ok.sum(1) >= MIN_PAIRS
-    cols, tnotes = trajectory_columns(pops, ok, usable)
+    cols, tnotes = trajectory_columns(pops, ok, usable, st.n)
     E = st.num_datasets
     B, reason = float("nan"), ""
     if st.classification:
