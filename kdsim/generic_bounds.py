@@ -39,6 +39,12 @@ def incoherence_bound(kl_loo: np.ndarray, loss_bound: float) -> np.ndarray:
     (decoupling by Donsker--Varadhan conditionally on ``D_{-J}``, then Jensen), and the
     output KL is at most the path KL ``kl_loo`` (data processing).
 
+    The constant agrees with the authors' own code for full-batch Langevin dynamics
+    (github.com/mhaghifam/sgld-genbound-NeurIPS2020, ``mnist_mlp_bounds.py``: the 0-1
+    loss, ``(1 / (2 sqrt 2)) sqrt(sum_t beta_t eta_t ||incoherence_t||^2)`` with the
+    incoherence ``(grad_{D without J} - grad_J) / n`` = kdsim's ``delta`` and
+    ``beta_t eta_t`` = kdsim's ``h gamma^2``: that is ``sqrt(KL / 2)``, ours at B = 1).
+
     Args:
       kl_loo: the dataset-averaged path KL ``E_D[loo]`` (any shape; elementwise).
       loss_bound: B, the loss lies in ``[0, B]`` (sigma = B/2).
@@ -64,6 +70,9 @@ def bayes_stability_bound(kl_zero: np.ndarray, loss_bound: float) -> np.ndarray:
     already divided by ``n^2``. The prior term of the energy is data-independent, so the
     prior process keeps it (Theorem 7 holds for any data-free prior process; the per-step
     KL then involves only the data gradient of z).
+
+    The same repository's gradient-norm estimate, ``(sqrt 2 / n) sqrt(sum_t eta_t beta_t
+    E ||grad l||^2)``, is this bound at C = 1.
 
     Args:
       kl_zero: ``E_D[zero]``; loss_bound: C.
