@@ -93,9 +93,7 @@ def generic_rows(inp: GenericInputs) -> tuple[pd.DataFrame, list[str]]:
         notes.append(f"incoherence_upper, bayes_stability_upper, kd_split_upper: NaN, {inp.loss_reason}")
     elif not np.isfinite(kS[0]):
         notes.append("incoherence_upper, bayes_stability_upper, kd_split_upper: NaN, no student "
-                     "trajectory sums (estimators.trajectory_bounds = false, or the linear task's "
-                     "soft labels carry channel noise, nu_T > 0, which its fast path draws only "
-                     "as a sufficient statistic)")
+                     "trajectory sums (estimators.trajectory_bounds = false)")
     if not inp.student_alone:
         notes.append("incoherence_upper, bayes_stability_upper: assumption False: they treat the "
                      "student's run alone (its partner as fixed), but with alpha < 1 the partner "
@@ -156,9 +154,6 @@ def trajectory_columns(pops, ok: np.ndarray, usable: np.ndarray, n: int) -> tupl
         notes.append("traj_*: NaN, estimators.trajectory_bounds = false")
     elif n < 2:
         notes.append("traj_teacher, traj_student: NaN, leaving one point out needs n >= 2")
-    if getattr(pops, "traj_teacher", None) is not None and getattr(pops, "traj_student", None) is None:
-        notes.append("traj_student, traj_bs_student: NaN, the linear task's soft labels carry "
-                     "channel noise (nu_T > 0) drawn only as a sufficient statistic")
     return cols, notes
 
 

@@ -246,6 +246,27 @@ def _linear_segment(state, acc, start, keys_noise, C, B, Cxx, Cyx, p: LangevinNu
                     schedule=schedule, phase_steps=phase_steps, traj=traj)
 
 
+@partial(jax.jit, static_argnames=("k",))
+def _linear_channel_noise(root, datasets, particles, X, SqrtCxx, PinvCxx, *, k: int):
+    """Per-example soft-label noise ``E (E, P, n, k)`` of each student, consistent with the
+    sufficient statistic the fast path drew (:func:`_linear_targets`).
+
+    The fast path draws only ``S = E^T X / n = Z Cxx^{1/2} / sqrt(n)``. Given S, the
+    projection ``H E = X Cxx^+ S^T`` onto the column space of X is fixed, and
+    ``(I - H) E`` is independent of it with the law of ``(I - H) Z'`` for fresh standard
+    normals Z' (stream ``soft_label_rest``): ``E = X Cxx^+ S^T + (I - H) Z'`` has exactly
+    the joint law of the n x k noise and its statistic. Only the trajectory sums use it.
+    """
+    E, n, d = X.shape
+    z = _normals(_keys(root, "soft_label", datasets, particles), (k, d), X.dtype)
+    S = jnp.einsum("epkd,edc->epkc", z, SqrtCxx, precision=HIGHEST) / jnp.sqrt(n)
+    fixed = jnp.einsum("end,edc,epkc->epnk", X, PinvCxx, S, precision=HIGHEST)
+    rest = _normals(_keys(root, "soft_label_rest", datasets, particles), (n, k), X.dtype)
+    back = jnp.einsum("end,epnk->epdk", X, rest, precision=HIGHEST) / n
+    rest = rest - jnp.einsum("end,edc,epck->epnk", X, PinvCxx, back, precision=HIGHEST)
+    return fixed + rest
+
+
 def symmetric_sqrt(C: np.ndarray) -> np.ndarray:
     """Symmetric PSD square root of a batch of symmetric matrices ``(..., d, d)``."""
     vals, vecs = np.linalg.eigh(C)
@@ -305,9 +326,12 @@ def run_linear(root: jax.Array, res: Resolved, data: lg.LinearData, datasets: np
                 noise_stream="student_noise"))
             acc = lay.particles(jnp.zeros((len(datasets), len(particles)), dtype)) if girsanov else None
             extra = {}
-            if traj_m:   # the partners' soft labels X W_T^T, frozen like B
+            if traj_m:   # the partners' soft labels X W_T^T + nu_T E, frozen like B
                 acc = (acc, traj_init("trajectory_S")[1])
                 soft = jnp.einsum("end,epkd->epnk", X, teachers.position, precision=HIGHEST)
+                if teacher_noise != 0:
+                    soft = soft + _cast(teacher_noise, dtype) * _linear_channel_noise(
+                        root, ds, ps, X, SqrtCxx, PinvCxx, k=k)
                 extra = dict(examples=(XPi, Y), soft=soft, alpha=_cast(alpha, dtype))
             state, acc = _advance(_linear_segment, state, acc, static.student_steps, progress, phase,
                                   keys_noise=keys, C=Cp, B=B, Cxx=Cxx, Cyx=Cyx, p=p_S, p_T=p_T,
@@ -321,10 +345,11 @@ def run_linear(root: jax.Array, res: Resolved, data: lg.LinearData, datasets: np
         # property of the shapes): whether Girsanov applies depends on numeric fields
         # (step sizes, initial scales), and flipping it must not recompile.
         accumulate = static.full_student
-        # the per-example soft labels need the per-example channel noise, which this fast
-        # path never draws (only its sufficient statistic): traj_student then stays None
-        traj_S_m = traj_m if numeric.teacher_noise == 0 else 0
+        traj_S_m = traj_m
         XPi = lay.datasets(_cast(data.X @ data.Pi, dtype)) if traj_S_m else None
+        if traj_S_m and numeric.teacher_noise != 0:
+            SqrtCxx, PinvCxx = lay.datasets(_cast((symmetric_sqrt(data.Cxx),
+                                                   np.linalg.pinv(data.Cxx, hermitian=True)), dtype))
         t0 = time.perf_counter()
         students, girsanov, traj_S = student(numeric.alpha, numeric.teacher_noise, accumulate,
                                              "student", traj_S_m)
