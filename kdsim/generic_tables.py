@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pandas as pd
 
-from . import closed_form, losses, streams
+from . import closed_form, streams
 from . import generic_bounds as gb
 from .bounds import VALIDITY_Z
 from .stats import mean_se
