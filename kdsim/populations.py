@@ -10,7 +10,8 @@ drawn once. Teacher and student particle ``i`` of dataset ``e`` are a pair: this
 pairing is the coupling of the two training processes. Optionally the same students
 are also trained from scratch (``alpha = 1``, same random draws: common random numbers
 make the KD-versus-scratch comparison sharp), and the Girsanov path-space bound
-``sum_t (h/4) ||grad U_S(w_t) - grad U_T(w_t)||^2`` is accumulated along each student's run.
+``sum_t (h/4) ||grad U_S(w_t) - grad U_T(w_t)||^2`` is accumulated along each student's run;
+the trajectory-bound sums (:mod:`kdsim.trajectory`) ride in the same scans of both phases.
 
 Linear fast path: the student's distillation target only enters the gradient through
 ``T = alpha Cyx + (1 - alpha)(W_T Cxx + nu_T E^T X / n)`` (k x d), constant along the
@@ -217,7 +218,7 @@ def _linear_segment(state, acc, start, keys_noise, C, B, Cxx, Cyx, p: LangevinNu
     With ``traj_m`` > 0 the trajectory sums (:mod:`kdsim.trajectory`, ``traj_m`` examples
     per step) ride in the same scan: ``examples`` are the per-dataset ``(X, Y)`` (teacher)
     or ``(X Pi, Y)`` (student, ``(E, n, r)`` and ``(E, n, k)``), ``soft`` the students'
-    soft labels ``X W_T^T`` of their partners ``(E, P, n, k)``."""
+    soft labels ``X W_T^T + nu_T E`` of their partners ``(E, P, n, k)``."""
     grad = _linear_grad(p)
 
     def with_teacher(w, data, target):
