@@ -229,8 +229,11 @@ def extend(run, per_dataset: pd.DataFrame, pooled: pd.DataFrame, notes: list[str
     B, reason = float("nan"), ""
     if st.classification:
         loss, B = "01", 1.0
-        truth = per_dataset["gen_S_01"].to_numpy(np.float64)
-        truth_se = per_dataset["gen_S_01_se"].to_numpy(np.float64)
+        if "gen_S_01" in per_dataset:
+            truth = per_dataset["gen_S_01"].to_numpy(np.float64)
+            truth_se = per_dataset["gen_S_01_se"].to_numpy(np.float64)
+        else:   # an evaluation without the 0-1 columns: the bounds, but no truth
+            truth, truth_se = np.full(E, np.nan), np.full(E, np.nan)
     else:
         loss, clip = "clipped", run.config.estimators.loss_clip
         if clip is None:
