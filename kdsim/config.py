@@ -366,6 +366,18 @@ class EstimatorsConfig(_Validated):
                                  doc="Rademacher probes of the Hutchinson Hessian trace")
     curvature_points: int = _f(8, _Int(0, 1 << 20), static=True,
                                doc="teacher particles (besides the centre) over which S_D is maximised")
+    trajectory_bounds: bool = _f(True, _Bool(), static=True,
+                                 doc="accumulate the trajectory bounds (incoherence, Bayes-stability, "
+                                     "KD split) along the Langevin runs")
+    trajectory_examples: int | None = _f(1, _Int(1, 1 << 24, optional=True), static=True,
+                                         doc="per-example gradients per step for the trajectory bounds: "
+                                             "null = all n; else that many per particle and step, "
+                                             "sweeping the data from a random start (unbiased; its "
+                                             "noise is in the standard error). All n costs about "
+                                             "n/d times the linear step")
+    loss_clip: float | None = _f(None, _Float(gt=0.0, optional=True), static=False,
+                                 doc="B for bounds that need a loss in [0, B] (regression: the squared "
+                                     "loss clipped at B); null = those bounds are NaN for regression")
 
 
 @dataclass(frozen=True)
@@ -716,6 +728,8 @@ class Static(NamedTuple):
     input_shape: tuple = ()        # one model input's shape (pool tasks: set from the pool)
     pool_size: int = 0             # N (pool tasks: set from the pool)
     sampling: str = "iid"          # pool tasks: how a dataset draws from the pool
+    trajectory: bool = False       # accumulate the trajectory-bound sums along the runs
+    trajectory_examples: int = 0   # per-example gradients per step (0: all n)
 
 
 class LangevinNumeric(NamedTuple):
@@ -862,7 +876,8 @@ def resolve(cfg: SimConfig) -> Resolved:
         teacher_kernel_size=t.model.kernel_size, student_channels=s.model.channels,
         student_kernel_size=s.model.kernel_size, teacher_schedule=t.schedule,
         student_schedule=sl.schedule or t.schedule, classification=is_classification(task),
-        input_shape=(task.d,), sampling=task.sampling)
+        input_shape=(task.d,), sampling=task.sampling, trajectory=est.trajectory_bounds,
+        trajectory_examples=min(est.trajectory_examples or task.n, task.n))
     numeric = Numeric(
         teacher=teacher, student=student, alpha=s.alpha, teacher_noise=s.teacher_noise,
         temperature=s.temperature, noise=task.noise, input_scale=task.input_scale,

@@ -93,7 +93,10 @@ def save_result(result, path: str | os.PathLike[str]) -> str:
         else:
             arrays[f"per_dataset/{col}"] = series.to_numpy()
     arrays["summary"] = result.summary.to_numpy(dtype=np.float64)
-    arrays["pooled"] = result.pooled.to_numpy(dtype=np.float64)
+    # text columns of the pooled rows (family, loss) travel in the JSON header
+    text_cols = [c for c in result.pooled.columns if result.pooled[c].dtype == object]
+    num_cols = [c for c in result.pooled.columns if c not in text_cols]
+    arrays["pooled"] = result.pooled[num_cols].to_numpy(dtype=np.float64)
     for name, value in result.datasets.items():
         arrays[f"datasets/{name}"] = np.asarray(value)
     buf = _io.BytesIO()
@@ -109,7 +112,9 @@ def save_result(result, path: str | os.PathLike[str]) -> str:
         "per_dataset_columns": list(result.per_dataset.columns),
         "per_dataset_dtypes": dtypes,
         "pooled_index": list(result.pooled.index),
-        "pooled_columns": list(result.pooled.columns),
+        "pooled_columns": num_cols,
+        "pooled_text": {c: [None if pd.isna(v) else str(v) for v in result.pooled[c]] for c in text_cols},
+        "pooled_order": list(result.pooled.columns),
         "pooled_attrs": _jsonable(dict(result.pooled.attrs)),
         "summary_index": list(result.summary.index),
         "summary_columns": list(result.summary.columns),
@@ -160,6 +165,9 @@ def read_result(path: str | os.PathLike[str]) -> dict[str, Any]:
                 per_dataset[col] = _flags(per_dataset[col].to_numpy())
         pooled = pd.DataFrame(z["pooled"], index=pd.Index(header["pooled_index"], name="bound"),
                               columns=header["pooled_columns"])
+        for col, values in header.get("pooled_text", {}).items():
+            pooled[col] = pd.Series(values, index=pooled.index, dtype=object)
+        pooled = pooled[header.get("pooled_order", list(pooled.columns))]
         pooled.attrs.update(header["pooled_attrs"])
         summary = pd.DataFrame(z["summary"], index=pd.Index(header["summary_index"], name="quantity"),
                                columns=header["summary_columns"])

@@ -94,6 +94,11 @@ def estimate(config, params: tuple[int, int] | None = None) -> Estimate:
         # three populations of parameters, and predictions on the test and ghost points
         pop_per = (p_T + 2 * p_S) * item
         host_per = pop_per + 3 * (st.n_test + res.ghost_points) * out * 8
+    if st.trajectory:
+        # the trajectory sums' per-example gradients of m examples (kdsim.trajectory), their
+        # deviations, and the student's soft labels of its partner (linear task)
+        m = st.trajectory_examples or st.n
+        per_chain += (2 * m * p + (st.n * st.k if st.task == "linear_gaussian" else 0)) * item
     chunk = st.num_datasets * st.particle_chunk
     # the itemised host count fell 1.7x short of the peak RSS measured on 2^20 linear
     # particles (temporaries of the estimators, the allocator): doubled

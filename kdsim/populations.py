@@ -10,7 +10,8 @@ drawn once. Teacher and student particle ``i`` of dataset ``e`` are a pair: this
 pairing is the coupling of the two training processes. Optionally the same students
 are also trained from scratch (``alpha = 1``, same random draws: common random numbers
 make the KD-versus-scratch comparison sharp), and the Girsanov path-space bound
-``sum_t (h/4) ||grad U_S(w_t) - grad U_T(w_t)||^2`` is accumulated along each student's run.
+``sum_t (h/4) ||grad U_S(w_t) - grad U_T(w_t)||^2`` is accumulated along each student's run;
+the trajectory-bound sums (:mod:`kdsim.trajectory`) ride in the same scans of both phases.
 
 Linear fast path: the student's distillation target only enters the gradient through
 ``T = alpha Cyx + (1 - alpha)(W_T Cxx + nu_T E^T X / n)`` (k x d), constant along the
@@ -30,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import langevin, losses, sharding, streams
+from . import trajectory as traj_mod
 from .config import LangevinNumeric, Resolved
 from .models import Prepared
 from .progress import NullProgress, Progress, segments
@@ -56,6 +58,8 @@ class Populations(NamedTuple):
     diverged_step_S: np.ndarray   # (E, P) int32
     girsanov: np.ndarray | None   # (E, P) path-space KL bound of each student's run
     seconds: dict                 # wall time of each phase
+    traj_teacher: np.ndarray | None = None  # (E, P, 2) trajectory sums of the teacher phase
+    traj_student: np.ndarray | None = None  # (E, P, 2) of the student phase (kdsim.trajectory)
 
 
 def map_arrays(fn: Callable, *pops: Populations) -> dict:
@@ -99,7 +103,8 @@ def _sq_norm(tree) -> jax.Array:
 
 def _segment(p: LangevinNumeric, grad_energy: Callable, state, acc, keys_noise: jax.Array,
              start, num_steps: int, data: Any, targets: Any = None, girsanov: bool = False, *,
-             schedule: str = "constant", phase_steps: int = 1, leaf_scales: Any = None):
+             schedule: str = "constant", phase_steps: int = 1, leaf_scales: Any = None,
+             traj: Callable | None = None):
     """Advance a population (leading axes ``(E, P)``) over global steps ``start ..``.
 
     Args:
@@ -112,6 +117,9 @@ def _segment(p: LangevinNumeric, grad_energy: Callable, state, acc, keys_noise: 
         the whole phase of ``phase_steps`` steps (the segment is a part of it).
       leaf_scales: per-leaf ``s_leaf`` of the particles (None: all ones), for the escape
         region of :func:`kdsim.langevin.escape_limit`.
+      traj: optional trajectory accumulator ``(acc_traj, pre_state, info, batch) -> acc_traj``
+        (:func:`kdsim.trajectory.build`); then ``acc`` is the pair ``(girsanov_acc or None,
+        acc_traj)``, carried in the same scan.
     Returns:
       ``(LangevinState, acc)``.
     """
@@ -124,13 +132,19 @@ def _segment(p: LangevinNumeric, grad_energy: Callable, state, acc, keys_noise: 
         lambda w, b: grad_energy(w, b[0], b[1]),
         langevin.schedule(schedule, p.step_size, phase_steps, p.schedule_offset), has_aux=girsanov,
         escaped=escaped)
-    if not girsanov:
+    if not girsanov and traj is None:
         state, _ = langevin.run_population(kernel, keys_noise, state, start, num_steps,
                                            batch=data, particle_batch=targets)
         return state, acc
 
-    def accumulate(acc, pre, info, batch):
+    def girsanov_term(acc, info):
         return acc + 0.25 * info.step_size * _sq_norm(info.aux)
+
+    def accumulate(acc, pre, info, batch):
+        if traj is None:
+            return girsanov_term(acc, info)
+        acc_g, acc_t = acc
+        return (girsanov_term(acc_g, info) if girsanov else acc_g), traj(acc_t, pre, info, batch)
 
     return langevin.run_population(kernel, keys_noise, state, start, num_steps, batch=data,
                                    particle_batch=targets, accumulate=accumulate, acc_init=acc)
@@ -191,13 +205,20 @@ def _linear_targets(root, datasets, particles, teacher, CyxPi, CxxPi, NoisePi, a
         per_particle(teacher, CxxPi) + teacher_noise * per_particle(z, NoisePi))
 
 
-@partial(jax.jit, static_argnames=("num_steps", "shared_B", "girsanov", "schedule", "phase_steps"))
+@partial(jax.jit, static_argnames=("num_steps", "shared_B", "girsanov", "schedule", "phase_steps",
+                                   "traj_m"))
 def _linear_segment(state, acc, start, keys_noise, C, B, Cxx, Cyx, p: LangevinNumeric,
-                    p_T: LangevinNumeric, *, num_steps: int, shared_B: bool, girsanov: bool,
-                    schedule: str, phase_steps: int):
+                    p_T: LangevinNumeric, examples=None, soft=None, alpha=None, *, num_steps: int,
+                    shared_B: bool, girsanov: bool, schedule: str, phase_steps: int,
+                    traj_m: int = 0):
     """Teachers (``shared_B``: B = Cyx per dataset) or students (B per particle, in their
     own coordinates V). With ``girsanov`` (full student, Pi = I) the teacher's energy
-    gradient ``gamma_T (W Cxx - Cyx) + W / s0_T^2`` is compared along the run."""
+    gradient ``gamma_T (W Cxx - Cyx) + W / s0_T^2`` is compared along the run.
+
+    With ``traj_m`` > 0 the trajectory sums (:mod:`kdsim.trajectory`, ``traj_m`` examples
+    per step) ride in the same scan: ``examples`` are the per-dataset ``(X, Y)`` (teacher)
+    or ``(X Pi, Y)`` (student, ``(E, n, r)`` and ``(E, n, k)``), ``soft`` the students'
+    soft labels ``X W_T^T + nu_T E`` of their partners ``(E, P, n, k)``."""
     grad = _linear_grad(p)
 
     def with_teacher(w, data, target):
@@ -207,8 +228,44 @@ def _linear_segment(state, acc, start, keys_noise, C, B, Cxx, Cyx, p: LangevinNu
 
     energy = with_teacher if girsanov else grad
     data = (C, B if shared_B else None, Cxx, Cyx)
-    return _segment(p, energy, state, acc, keys_noise, start, num_steps, data,
-                    None if shared_B else B, girsanov, schedule=schedule, phase_steps=phase_steps)
+    targets = None if shared_B else B
+    traj = None
+    if traj_m:
+        data, targets, base = data + (examples,), (targets, soft), energy
+        energy = lambda w, d, t: base(w, d[:4], t[0])
+        if shared_B:     # teacher: the task loss of one example, W x
+            loss_i = lambda w, e: losses.squared_loss(w @ e[0], e[1])
+            examples_of = lambda b: b[0][4]
+        else:            # student in its coordinates V: f = V (Pi^T x)
+            loss_i = lambda v, e: (alpha * losses.squared_loss(v @ e[0], e[1])
+                                   + (1 - alpha) * losses.kd_regression(v @ e[0], e[2]))
+            examples_of = lambda b: (b[0][4][0], b[0][4][1], b[1][1])
+        prior_grad = jax.grad(lambda w: 0.5 * jnp.sum(w * w) / p.prior_scale**2)
+        acc_fn = traj_mod.build(loss_i, p.gamma, prior_grad, examples[0].shape[1], traj_m)
+        traj = lambda a, pre, info, b: acc_fn(a, pre, info, b, examples_of(b))
+    return _segment(p, energy, state, acc, keys_noise, start, num_steps, data, targets, girsanov,
+                    schedule=schedule, phase_steps=phase_steps, traj=traj)
+
+
+@partial(jax.jit, static_argnames=("k",))
+def _linear_channel_noise(root, datasets, particles, X, SqrtCxx, PinvCxx, *, k: int):
+    """Per-example soft-label noise ``E (E, P, n, k)`` of each student, consistent with the
+    sufficient statistic the fast path drew (:func:`_linear_targets`).
+
+    The fast path draws only ``S = E^T X / n = Z Cxx^{1/2} / sqrt(n)``. Given S, the
+    projection ``H E = X Cxx^+ S^T`` onto the column space of X is fixed, and
+    ``(I - H) E`` is independent of it with the law of ``(I - H) Z'`` for fresh standard
+    normals Z' (stream ``soft_label_rest``): ``E = X Cxx^+ S^T + (I - H) Z'`` has exactly
+    the joint law of the n x k noise and its statistic. Only the trajectory sums use it.
+    """
+    E, n, d = X.shape
+    z = _normals(_keys(root, "soft_label", datasets, particles), (k, d), X.dtype)
+    S = jnp.einsum("epkd,edc->epkc", z, SqrtCxx, precision=HIGHEST) / jnp.sqrt(n)
+    fixed = jnp.einsum("end,edc,epkc->epnk", X, PinvCxx, S, precision=HIGHEST)
+    rest = _normals(_keys(root, "soft_label_rest", datasets, particles), (n, k), X.dtype)
+    back = jnp.einsum("end,epnk->epdk", X, rest, precision=HIGHEST) / n
+    rest = rest - jnp.einsum("end,edc,epck->epnk", X, PinvCxx, back, precision=HIGHEST)
+    return fixed + rest
 
 
 def symmetric_sqrt(C: np.ndarray) -> np.ndarray:
@@ -238,14 +295,23 @@ def run_linear(root: jax.Array, res: Resolved, data: lg.LinearData, datasets: np
         ps = jnp.asarray(particles, jnp.uint32)
         Cxx, Cyx = lay.datasets(_cast((data.Cxx, data.Cyx), dtype))
         p_T, p_S = _cast(numeric.teacher, dtype), _cast(numeric.student, dtype)
+        traj_m = static.trajectory_examples if static.trajectory else 0
+        X, Y = lay.datasets(_cast((data.X, data.Y), dtype))
+        n_ex = static.n
+
+        def traj_init(stream):
+            return (None, lay.particles(traj_mod.init(_keys(root, stream, ds, ps), n_ex, dtype)))
+
         t0 = time.perf_counter()
         state, keys = lay.particles(_linear_init(
             root, ds, ps, p_T.init_scale, Cxx, shape=(k, d), init_stream="teacher_init",
             noise_stream="teacher_noise"))
-        teachers, _ = _advance(_linear_segment, state, None, static.teacher_steps, progress,
-                               "teacher", keys_noise=keys, C=Cxx, B=Cyx, Cxx=Cxx, Cyx=Cyx, p=p_T,
-                               p_T=p_T, shared_B=True, girsanov=False,
-                               schedule=static.teacher_schedule)
+        teachers, acc_T = _advance(_linear_segment, state, traj_init("trajectory_T") if traj_m else None,
+                                   static.teacher_steps, progress, "teacher", keys_noise=keys, C=Cxx,
+                                   B=Cyx, Cxx=Cxx, Cyx=Cyx, p=p_T, p_T=p_T, shared_B=True,
+                                   girsanov=False, schedule=static.teacher_schedule,
+                                   examples=(X, Y) if traj_m else None, traj_m=traj_m)
+        traj_T = np.asarray(acc_T[1].sums, np.float64) if traj_m else None
         teacher_w = np.asarray(teachers.position)
         seconds["teacher"] = time.perf_counter() - t0
         Pi, PiT = data.Pi, np.swapaxes(data.Pi, -1, -2)
@@ -253,23 +319,41 @@ def run_linear(root: jax.Array, res: Resolved, data: lg.LinearData, datasets: np
             PiT @ data.Cxx @ Pi, data.Cyx @ Pi, data.Cxx @ Pi,
             symmetric_sqrt(data.Cxx) @ Pi / np.sqrt(static.n)), dtype))
 
-        def student(alpha, teacher_noise, girsanov, phase):
+        def student(alpha, teacher_noise, girsanov, phase, traj_m=0):
             B = _linear_targets(root, ds, ps, teachers.position, CyxPi, CxxPi, NoisePi,
                                 _cast(alpha, dtype), _cast(teacher_noise, dtype))
             state, keys = lay.particles(_linear_init(
                 root, ds, ps, p_S.init_scale, Cp, shape=(k, r), init_stream="student_init",
                 noise_stream="student_noise"))
             acc = lay.particles(jnp.zeros((len(datasets), len(particles)), dtype)) if girsanov else None
-            return _advance(_linear_segment, state, acc, static.student_steps, progress, phase,
-                            keys_noise=keys, C=Cp, B=B, Cxx=Cxx, Cyx=Cyx, p=p_S, p_T=p_T,
-                            shared_B=False, girsanov=girsanov, schedule=static.student_schedule)
+            extra = {}
+            if traj_m:   # the partners' soft labels X W_T^T + nu_T E, frozen like B
+                acc = (acc, traj_init("trajectory_S")[1])
+                soft = jnp.einsum("end,epkd->epnk", X, teachers.position, precision=HIGHEST)
+                if teacher_noise != 0:
+                    soft = soft + _cast(teacher_noise, dtype) * _linear_channel_noise(
+                        root, ds, ps, X, SqrtCxx, PinvCxx, k=k)
+                extra = dict(examples=(XPi, Y), soft=soft, alpha=_cast(alpha, dtype))
+            state, acc = _advance(_linear_segment, state, acc, static.student_steps, progress, phase,
+                                  keys_noise=keys, C=Cp, B=B, Cxx=Cxx, Cyx=Cyx, p=p_S, p_T=p_T,
+                                  shared_B=False, girsanov=girsanov, schedule=static.student_schedule,
+                                  traj_m=traj_m, **extra)
+            if traj_m:
+                return state, acc[0], np.asarray(acc[1].sums, np.float64)
+            return state, acc, None
 
         # The linear accumulator is cheap, so a full student always carries it (a static
         # property of the shapes): whether Girsanov applies depends on numeric fields
         # (step sizes, initial scales), and flipping it must not recompile.
         accumulate = static.full_student
+        traj_S_m = traj_m
+        XPi = lay.datasets(_cast(data.X @ data.Pi, dtype)) if traj_S_m else None
+        if traj_S_m and numeric.teacher_noise != 0:
+            SqrtCxx, PinvCxx = lay.datasets(_cast((symmetric_sqrt(data.Cxx),
+                                                   np.linalg.pinv(data.Cxx, hermitian=True)), dtype))
         t0 = time.perf_counter()
-        students, girsanov = student(numeric.alpha, numeric.teacher_noise, accumulate, "student")
+        students, girsanov, traj_S = student(numeric.alpha, numeric.teacher_noise, accumulate,
+                                             "student", traj_S_m)
         if not res.girsanov:
             girsanov = None
         student_v = np.asarray(students.position)
@@ -279,7 +363,7 @@ def run_linear(root: jax.Array, res: Resolved, data: lg.LinearData, datasets: np
             t0 = time.perf_counter()
             # same static flags as the KD student (its Girsanov sum is discarded): one
             # compiled program serves both runs
-            scratch, _ = student(1.0, 0.0, accumulate, "scratch")
+            scratch, _, _ = student(1.0, 0.0, accumulate, "scratch")
             scratch_w = np.einsum("epkr,edr->epkd", np.asarray(scratch.position, np.float64),
                                   data.Pi)
             div_scratch = np.asarray(scratch.diverged)
@@ -292,7 +376,7 @@ def run_linear(root: jax.Array, res: Resolved, data: lg.LinearData, datasets: np
         diverged_step_T=np.asarray(teachers.diverged_step),
         diverged_step_S=np.asarray(students.diverged_step),
         girsanov=None if girsanov is None else np.asarray(girsanov, np.float64),
-        seconds=seconds)
+        seconds=seconds, traj_teacher=traj_T, traj_student=traj_S)
 
 
 # ---------------------------------------------------------------------------------------
@@ -391,20 +475,40 @@ def _model_targets(root, datasets, particles, teacher, X, teacher_noise, tau, *,
 
 
 @partial(jax.jit, static_argnames=("apply", "classification", "num_steps", "girsanov",
-                                   "schedule", "phase_steps"))
+                                   "schedule", "phase_steps", "traj_m"))
 def _model_segment(state, acc, start, keys_noise, X, Y, target, p: LangevinNumeric,
                    p_T: LangevinNumeric, alpha, tau, scales, scales_T, *, apply, classification,
-                   num_steps: int, girsanov: bool, schedule: str, phase_steps: int):
+                   num_steps: int, girsanov: bool, schedule: str, phase_steps: int,
+                   traj_m: int = 0):
     """Teachers (``target`` None) or students over one segment of steps; ``scales`` are
-    the particles' per-leaf ``s_leaf``, ``scales_T`` the teacher's (Girsanov)."""
+    the particles' per-leaf ``s_leaf``, ``scales_T`` the teacher's (Girsanov). With
+    ``traj_m`` > 0 the trajectory sums (:mod:`kdsim.trajectory`) ride in the same scan."""
     inv_var = _inverse_variances(p, scales)
     if target is None:
         grad = teacher_energy_grad(apply, classification, p, inv_var)
     else:
         grad = student_energy_grad(apply, classification, p, p_T, alpha, tau, inv_var,
                                    _inverse_variances(p_T, scales_T), girsanov)
+    traj = None
+    if traj_m:
+        task = losses.task_loss(classification)
+        one = lambda w, x: apply(w, x[None])[0]
+        if target is None:    # the task loss of one example
+            loss_i = lambda w, e: task(one(w, e[0]), e[1])
+            examples_of = lambda b: (b[0][0], b[0][1])
+        else:                 # the student's whole objective on one example, same partner
+            kd = ((lambda f, t: losses.kd_classification(f, t, tau)) if classification
+                  else losses.kd_regression)
+
+            def loss_i(w, e):
+                f = one(w, e[0])
+                return alpha * task(f, e[1]) + (1 - alpha) * kd(f, e[2])
+            examples_of = lambda b: (b[0][0], b[0][1], b[1])
+        prior_grad = lambda w: jax.grad(_prior_term)(w, inv_var)
+        acc_fn = traj_mod.build(loss_i, p.gamma, prior_grad, X.shape[1], traj_m)
+        traj = lambda a, pre, info, b: acc_fn(a, pre, info, b, examples_of(b))
     return _segment(p, grad, state, acc, keys_noise, start, num_steps, (X, Y), target, girsanov,
-                    schedule=schedule, phase_steps=phase_steps, leaf_scales=scales)
+                    schedule=schedule, phase_steps=phase_steps, leaf_scales=scales, traj=traj)
 
 
 def run_model(root: jax.Array, res: Resolved, data: ModelData, datasets: np.ndarray,
@@ -427,38 +531,51 @@ def run_model(root: jax.Array, res: Resolved, data: ModelData, datasets: np.ndar
         tau = _cast(nm.temperature, dtype)
         scales_T, scales_S = teacher_model.scale_tree(dtype), student_model.scale_tree(dtype)
         common = dict(X=X, Y=Y, p_T=p_T, tau=tau, classification=classification, scales_T=scales_T)
+        traj_m = st.trajectory_examples if st.trajectory else 0
+        n_ex = st.n
+
+        def traj_init(stream):
+            return (None, lay.particles(traj_mod.init(_keys(root, stream, ds, ps), n_ex, dtype)))
+
         t0 = time.perf_counter()
         state, keys = lay.particles(_model_init(
             root, ds, ps, p_T.init_scale, scales_T, structure=teacher_model.structure,
             init_stream="teacher_init", noise_stream="teacher_noise", dtype=st.dtype))
-        teachers, _ = _advance(_model_segment, state, None, st.teacher_steps, progress, "teacher",
-                               keys_noise=keys, target=None, p=p_T, alpha=_cast(1.0, dtype),
-                               scales=scales_T, apply=teacher_model.apply, girsanov=False,
-                               schedule=st.teacher_schedule, **common)
+        teachers, acc_T = _advance(_model_segment, state, traj_init("trajectory_T") if traj_m else None,
+                                   st.teacher_steps, progress, "teacher", keys_noise=keys,
+                                   target=None, p=p_T, alpha=_cast(1.0, dtype), scales=scales_T,
+                                   apply=teacher_model.apply, girsanov=False,
+                                   schedule=st.teacher_schedule, traj_m=traj_m, **common)
         jax.block_until_ready(teachers)
+        traj_T = np.asarray(acc_T[1].sums, np.float64) if traj_m else None
         seconds["teacher"] = time.perf_counter() - t0
 
-        def student(alpha, teacher_noise, girsanov, phase):
+        def student(alpha, teacher_noise, girsanov, phase, traj_m=0):
             target = _model_targets(root, ds, ps, teachers.position, X, _cast(teacher_noise, dtype),
                                     tau, apply=teacher_model.apply, classification=classification)
             state, keys = lay.particles(_model_init(
                 root, ds, ps, p_S.init_scale, scales_S, structure=student_model.structure,
                 init_stream="student_init", noise_stream="student_noise", dtype=st.dtype))
             acc = lay.particles(jnp.zeros((len(datasets), len(particles)), dtype)) if girsanov else None
-            out = _advance(_model_segment, state, acc, st.student_steps, progress, phase,
-                           keys_noise=keys, target=target, p=p_S, alpha=_cast(alpha, dtype),
-                           scales=scales_S, apply=student_model.apply,
-                           girsanov=girsanov, schedule=st.student_schedule, **common)
-            jax.block_until_ready(out[0])
-            return out
+            if traj_m:
+                acc = (acc, traj_init("trajectory_S")[1])
+            state, acc = _advance(_model_segment, state, acc, st.student_steps, progress, phase,
+                                  keys_noise=keys, target=target, p=p_S, alpha=_cast(alpha, dtype),
+                                  scales=scales_S, apply=student_model.apply, girsanov=girsanov,
+                                  schedule=st.student_schedule, traj_m=traj_m, **common)
+            jax.block_until_ready(state)
+            if traj_m:
+                return state, acc[0], np.asarray(acc[1].sums, np.float64)
+            return state, acc, None
 
         t0 = time.perf_counter()
-        students, girsanov = student(nm.alpha, nm.teacher_noise, res.girsanov, "student")
+        students, girsanov, traj_S = student(nm.alpha, nm.teacher_noise, res.girsanov, "student",
+                                             traj_m)
         seconds["student"] = time.perf_counter() - t0
         scratch, div_scratch = None, np.zeros((len(datasets), len(particles)), bool)
         if res.scratch:
             t0 = time.perf_counter()
-            sc, _ = student(1.0, 0.0, False, "scratch")
+            sc, _, _ = student(1.0, 0.0, False, "scratch")
             scratch = jax.tree_util.tree_map(np.asarray, sc.position)
             div_scratch = np.asarray(sc.diverged)
             seconds["scratch"] = time.perf_counter() - t0
@@ -470,4 +587,4 @@ def run_model(root: jax.Array, res: Resolved, data: ModelData, datasets: np.ndar
             diverged_step_T=np.asarray(teachers.diverged_step),
             diverged_step_S=np.asarray(students.diverged_step),
             girsanov=None if girsanov is None else np.asarray(girsanov, np.float64),
-            seconds=seconds)
+            seconds=seconds, traj_teacher=traj_T, traj_student=traj_S)

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pandas as pd
 
-from . import closed_form, memory, populations, sharding, streams
+from . import closed_form, generic_tables, memory, populations, sharding, streams
 from .config import ConfigError, Resolved, SimConfig, resolve
 from .evaluation import linear_columns
 from .evaluation_mlp import mlp_columns
@@ -320,6 +320,8 @@ def simulate(config: SimConfig | Mapping[str, Any], teacher_model: Any = None,
         per_dataset, pooled, notes = mlp_columns(run, timer)
         datasets = {"X": run.data.X.astype(np.float64), "Y": run.data.Y,
                     "planted_A": run.data.A, "planted_B": run.data.B}
+    with timer("bounds"):   # the generic bounds (SPEC §10) and family / loss of every row
+        per_dataset, pooled, notes = generic_tables.extend(run, per_dataset, pooled, notes)
     with timer("tables"):
         summary = summarize(per_dataset, seed=run.config.seed)
         model_notes = [] if models is None else [m.describe_scales() for m in models]

@@ -34,6 +34,10 @@ STREAMS: dict[str, int] = {
     "estimators": 12,     # Hutchinson probes, power-iteration starts, bootstrap
     "test_y": 13,         # labels of the fresh test points
     "pool_index": 14,     # pool tasks: which pool points a dataset draws, per dataset
+    "trajectory_T": 15,   # examples J sampled per step for the teacher's trajectory sums
+    "trajectory_S": 16,   # the same for the student phase
+    "clip_test": 17,      # fresh test points for the clipped-loss truth of the linear task
+    "soft_label_rest": 18,  # linear task: the per-example channel noise beyond its statistic
 }
 
 
