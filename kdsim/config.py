@@ -366,6 +366,18 @@ class EstimatorsConfig(_Validated):
                                  doc="Rademacher probes of the Hutchinson Hessian trace")
     curvature_points: int = _f(8, _Int(0, 1 << 20), static=True,
                                doc="teacher particles (besides the centre) over which S_D is maximised")
+    supersample: bool = _f(False, _Bool(), static=True,
+                           doc="CMI design (SPEC §10): num_datasets supersamples of n pairs drawn "
+                               "from mu, each trained under `masks` independent masks; the dataset "
+                               "axis becomes supersamples x masks and res.pooled gains the "
+                               "f-CMI / e-CMI / ld-CMI rows")
+    masks: int = _f(32, _Int(16, 1 << 16), static=True,
+                    doc="M: masks per supersample (supersample runs), each with its own "
+                        "num_particles particles")
+    loss_clip: float | None = _f(None, _Float(gt=0.0, optional=True), static=False,
+                                 doc="B of the bounds that need a loss in [0, B] (CMI rows of "
+                                     "regression runs): the squared loss clipped to [0, B], truth "
+                                     "on the same clipped loss; null = those rows are NaN")
 
 
 @dataclass(frozen=True)
@@ -716,6 +728,9 @@ class Static(NamedTuple):
     input_shape: tuple = ()        # one model input's shape (pool tasks: set from the pool)
     pool_size: int = 0             # N (pool tasks: set from the pool)
     sampling: str = "iid"          # pool tasks: how a dataset draws from the pool
+    supersample: bool = False      # CMI design: num_datasets = supersamples x masks
+    supersamples: int = 0          # S (supersample runs; 0 otherwise)
+    masks: int = 1                 # M (supersample runs; 1 otherwise)
 
 
 class LangevinNumeric(NamedTuple):
@@ -850,7 +865,9 @@ def resolve(cfg: SimConfig) -> Resolved:
 
     static = Static(
         task=task.name, d=task.d, k=task.k, n=task.n, rank=rank, full_student=full,
-        num_datasets=cfg.num_datasets, num_particles=cfg.num_particles,
+        # a supersample run's dataset axis is supersamples x masks (dataset e = s M + m)
+        num_datasets=cfg.num_datasets * (est.masks if est.supersample else 1),
+        num_particles=cfg.num_particles,
         teacher_steps=t.num_steps, student_steps=steps_s, dtype=cfg.dtype,
         engine_precision=cfg.engine_precision,
         particle_chunk=min(cfg.particle_chunk or cfg.num_particles, cfg.num_particles),
@@ -862,7 +879,9 @@ def resolve(cfg: SimConfig) -> Resolved:
         teacher_kernel_size=t.model.kernel_size, student_channels=s.model.channels,
         student_kernel_size=s.model.kernel_size, teacher_schedule=t.schedule,
         student_schedule=sl.schedule or t.schedule, classification=is_classification(task),
-        input_shape=(task.d,), sampling=task.sampling)
+        input_shape=(task.d,), sampling=task.sampling, supersample=est.supersample,
+        supersamples=cfg.num_datasets if est.supersample else 0,
+        masks=est.masks if est.supersample else 1)
     numeric = Numeric(
         teacher=teacher, student=student, alpha=s.alpha, teacher_noise=s.teacher_noise,
         temperature=s.temperature, noise=task.noise, input_scale=task.input_scale,

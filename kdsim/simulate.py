@@ -26,6 +26,7 @@ from .tasks import mlp as mlp_task
 from .timing import StageTimer
 from .tasks import pool as pool_task
 from .tasks import sources
+from .tasks import supersample
 
 
 class DivergenceError(RuntimeError):
@@ -195,6 +196,8 @@ def _run(cfg: SimConfig, res: Resolved, models, bar: Progress, pool: sources.Poo
         def engine(root, res, data, datasets, particles, bar):
             task = populations.ModelData(data.X, data.Y, data.classification)
             return populations.run_model(root, res, task, datasets, particles, models, bar)
+    if st.supersample:   # dataset e = supersample e // M under mask e % M (SPEC §10)
+        make = supersample.data_maker(st, nm, root, pool)
     data = make(np.arange(st.num_datasets))
     if st.task == "linear_gaussian":     # before any chain runs: an error or notes
         res = res._replace(warnings=res.warnings + tuple(check_step_sizes(cfg, res, data)))

@@ -34,6 +34,8 @@ STREAMS: dict[str, int] = {
     "estimators": 12,     # Hutchinson probes, power-iteration starts, bootstrap
     "test_y": 13,         # labels of the fresh test points
     "pool_index": 14,     # pool tasks: which pool points a dataset draws, per dataset
+    "mask": 15,           # supersample runs: the mask U of dataset e = (supersample, mask)
+    "cmi_rounding": 16,   # CMI bounds: stochastic rounding of clipped losses onto a grid
 }
 
 
