@@ -372,8 +372,8 @@ class EstimatorsConfig(_Validated):
                                "axis becomes supersamples x masks and res.pooled gains the "
                                "f-CMI / e-CMI / ld-CMI rows")
     masks: int = _f(32, _Int(16, 1 << 16), static=True,
-                    doc="M: masks per supersample (supersample runs), each with its own "
-                        "num_particles particles")
+                    doc="M: masks per supersample (supersample runs; even: complementary "
+                        "pairs), each with its own num_particles particles")
     loss_clip: float | None = _f(None, _Float(gt=0.0, optional=True), static=False,
                                  doc="B of the bounds that need a loss in [0, B] (CMI rows of "
                                      "regression runs): the squared loss clipped to [0, B], truth "
@@ -422,6 +422,9 @@ class SimConfig(_Validated):
             if s.rank > t.d:
                 raise ConfigError(f"student.rank must be <= task.d = {t.d}, got {s.rank}")
         est = self.estimators
+        if est.masks % 2:
+            raise ConfigError(f"estimators.masks must be an even integer >= 16 (masks come in "
+                              f"complementary pairs), got {est.masks}")
         p_dim = t.k * t.d
         if est.bound_divergence == "gaussian_full" and self.num_particles < 5 * p_dim \
                 and t.name == "linear_gaussian":

@@ -16,6 +16,7 @@ import pandas as pd
 from . import closed_form, memory, populations, sharding, streams
 from .config import ConfigError, Resolved, SimConfig, resolve
 from .evaluation import linear_columns
+from .evaluation_cmi import cmi_evaluation
 from .evaluation_mlp import mlp_columns
 from .models import Prepared, builtin, prepare, same_structure
 from .progress import Progress
@@ -323,6 +324,12 @@ def simulate(config: SimConfig | Mapping[str, Any], teacher_model: Any = None,
         per_dataset, pooled, notes = mlp_columns(run, timer)
         datasets = {"X": run.data.X.astype(np.float64), "Y": run.data.Y,
                     "planted_A": run.data.A, "planted_B": run.data.B}
+    if run.resolved.static.supersample:     # the CMI rows (SPEC §10): one local hook
+        with timer("estimators"):
+            ss_cols, ss_pooled, ss_notes = cmi_evaluation(run)
+        for pos, (name, col) in enumerate(ss_cols.items()):
+            per_dataset.insert(1 + pos, name, col)
+        pooled, notes = pd.concat([pooled, ss_pooled]), notes + ss_notes
     with timer("tables"):
         summary = summarize(per_dataset, seed=run.config.seed)
         model_notes = [] if models is None else [m.describe_scales() for m in models]

@@ -49,16 +49,26 @@ def split(datasets: np.ndarray, masks: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @partial(jax.jit, static_argnames=("n",))
-def _masks(stream: jax.Array, datasets: jax.Array, *, n: int) -> jax.Array:
-    return jax.vmap(lambda e: jax.random.bernoulli(jax.random.fold_in(stream, e), 0.5, (n,)))(
-        datasets).astype(jnp.int32)
+def _masks(stream: jax.Array, base: jax.Array, flip: jax.Array, *, n: int) -> jax.Array:
+    bits = jax.vmap(lambda e: jax.random.bernoulli(jax.random.fold_in(stream, e), 0.5, (n,)))(base)
+    return jnp.where(flip[:, None], ~bits, bits).astype(jnp.int32)
 
 
-def draw_masks(root: jax.Array, datasets: np.ndarray, n: int) -> np.ndarray:
-    """``(E, n)`` masks, i.i.d. fair bits; dataset e's from ``fold_in(stream("mask"), e)``
-    only (independent of every data stream)."""
-    return np.asarray(_masks(streams.stream_key(root, "mask"),
-                             jnp.asarray(datasets, jnp.uint32), n=n))
+def draw_masks(root: jax.Array, datasets: np.ndarray, n: int, masks: int) -> np.ndarray:
+    """``(E, n)`` masks from the stream ``mask`` only (independent of every data stream).
+
+    Antithetic: mask ``m < M/2`` of supersample s is ``n`` fair bits drawn from
+    ``fold_in(stream("mask"), s M + m)``, and mask ``m + M/2`` is its complement. Every
+    mask is uniform on ``{0,1}^n`` and independent of the data; in addition each pair's
+    mask bit is 0 in exactly half of the M runs, so the empirical law of ``U_i`` is the
+    fair bit the CMI bounds compare with, and each plug-in bound is then a deterministic
+    upper bound on the held-out gap of the same samples (DV on the empirical law).
+    """
+    s, m = split(datasets, masks)
+    half = masks // 2
+    base = s * masks + m % half
+    return np.asarray(_masks(streams.stream_key(root, "mask"), jnp.asarray(base, jnp.uint32),
+                             jnp.asarray(m >= half), n=n))
 
 
 def take(pairs: np.ndarray, U: np.ndarray) -> np.ndarray:
@@ -85,7 +95,7 @@ def linear_pairs(root: jax.Array, datasets: np.ndarray, masks: int, n: int, W_st
     X, Y = _per_supersample(lambda u: lg.sample_points(
         streams.stream_key(root, "data_x"), streams.stream_key(root, "data_y"), u, 2 * n,
         W_star, sx, noise), s)
-    return Pairs(_pairs(X, n), _pairs(Y, n), draw_masks(root, datasets, n), s, m)
+    return Pairs(_pairs(X, n), _pairs(Y, n), draw_masks(root, datasets, n, masks), s, m)
 
 
 def mlp_pairs(root: jax.Array, datasets: np.ndarray, masks: int, n: int, A: np.ndarray,
@@ -97,7 +107,7 @@ def mlp_pairs(root: jax.Array, datasets: np.ndarray, masks: int, n: int, A: np.n
         streams.stream_key(root, "data_x"), streams.stream_key(root, "data_y"),
         jnp.asarray(u, jnp.uint32), jnp.asarray(A), jnp.asarray(B), jnp.float32(planted_scale),
         jnp.float32(noise), n=2 * n, out=out, classification=classification), s)
-    return Pairs(_pairs(X, n), _pairs(Y, n), draw_masks(root, datasets, n), s, m)
+    return Pairs(_pairs(X, n), _pairs(Y, n), draw_masks(root, datasets, n, masks), s, m)
 
 
 def pool_pairs(root: jax.Array, datasets: np.ndarray, masks: int, n: int, pool: Pool,
@@ -112,7 +122,7 @@ def pool_pairs(root: jax.Array, datasets: np.ndarray, masks: int, n: int, pool: 
         streams.stream_key(root, "pool_index"), jnp.asarray(u, jnp.uint32), N=pool.size,
         n=2 * n, replace=sampling == "iid"),), s)
     idx = _pairs(np.asarray(idx), n)
-    return Pairs(pool.X[idx], pool.Y[idx], draw_masks(root, datasets, n), s, m, idx)
+    return Pairs(pool.X[idx], pool.Y[idx], draw_masks(root, datasets, n, masks), s, m, idx)
 
 
 def data_maker(static: Any, numeric: Any, root: jax.Array, pool: Pool | None = None):
