@@ -91,6 +91,7 @@ def joint_counts(codes: jax.Array, u: jax.Array, weight: jax.Array, num_codes: i
         num_codes, 2)
 
 
+@jax.jit
 def mutual_information(counts: jax.Array) -> jax.Array:
     """Plug-in MI (nats) of the empirical joint law with counts ``[..., K, 2]`` -> ``[...]``.
 
@@ -104,6 +105,7 @@ def mutual_information(counts: jax.Array) -> jax.Array:
     return jnp.maximum(jnp.sum(jnp.where(p > 0, p * jnp.log(safe), 0.0), axis=(-2, -1)), 0.0)
 
 
+@partial(jax.jit, static_argnames=("num_codes",))
 def plugin_mi(codes: jax.Array, u: jax.Array, num_codes: int, weight: jax.Array | None = None) -> jax.Array:
     """Plug-in MI of samples ``codes (N,)`` (ints in ``[0, num_codes)``) and ``u (N,)``
     (bits), optionally weighted."""
@@ -123,6 +125,7 @@ def binary_kl(a: jax.Array, p: jax.Array) -> jax.Array:
     return t1 + t0
 
 
+@partial(jax.jit, static_argnames=("steps",))
 def kl_inverse_upper(a: jax.Array, r: jax.Array, steps: int = BISECTION_STEPS) -> jax.Array:
     """``sup{p in [a, 1] : d(a || p) <= r}`` by bisection (``d(a||.)`` increases on [a, 1])."""
     a = jnp.clip(a, 0.0, 1.0)
@@ -138,6 +141,7 @@ def kl_inverse_upper(a: jax.Array, r: jax.Array, steps: int = BISECTION_STEPS) -
     return jnp.where(binary_kl(a, jnp.ones_like(a)) <= r, 1.0, hi)
 
 
+@partial(jax.jit, static_argnames=("steps",))
 def kl_inverse_first(p: jax.Array, r: jax.Array, steps: int = BISECTION_STEPS) -> jax.Array:
     """``sup{x in [p, 1] : d(x || p) <= r}`` by bisection (``d(.||p)`` increases on [p, 1])."""
     p = jnp.clip(p, 0.0, 1.0)
@@ -208,8 +212,14 @@ class CMIBounds(NamedTuple):
     samples: jax.Array           # mean number of (weighted) samples per pair: ~ M x P
 
 
-def _per_pair_counts(codes, U, weight, num_codes):
-    """codes ``(S, M, P, n)``, U ``(S, M, n)``, weight ``(S, M, P)`` -> counts ``(S, n, K, 2)``."""
+@partial(jax.jit, static_argnames=("num_codes",))
+def pair_counts(codes: jax.Array, U: jax.Array, weight: jax.Array, num_codes: int) -> jax.Array:
+    """Per-pair joint counts of ``(code, U_i)`` over the ``M x P`` runs of a supersample.
+
+    codes ``(S, M, P, n)`` ints in ``[0, num_codes)``, U ``(S, M, n)``, weight ``(S, M, P)``
+    -> counts ``(S, n, num_codes, 2)``; :func:`mutual_information` of them is the plug-in
+    ``I^z(X_i; U_i)`` of every supersample z and pair i.
+    """
     S, M, P, n = codes.shape
 
     def one(c, u, w):          # one supersample
@@ -256,9 +266,9 @@ def cmi_bounds(U: jax.Array, weight: jax.Array, losses: jax.Array, uniforms: jax
     mi, mi_null, nb, sq = {}, {}, {}, {}
     counts = {}
     for fam, (c, K) in codes.items():
-        counts[fam] = _per_pair_counts(c, U, weight, K)                     # (S, n, K, 2)
+        counts[fam] = pair_counts(c, U, weight, K)                     # (S, n, K, 2)
         mi[fam] = mutual_information(counts[fam])                            # (S, n)
-        mi_null[fam] = mutual_information(_per_pair_counts(c, U_null, weight, K))
+        mi_null[fam] = mutual_information(pair_counts(c, U_null, weight, K))
         sq[fam] = _sqrt_form(mi[fam], B)
         nb[fam] = _sqrt_form(mi_null[fam], B)[0]
     nan = jnp.asarray(jnp.nan, jnp.float64)
@@ -269,7 +279,7 @@ def cmi_bounds(U: jax.Array, weight: jax.Array, losses: jax.Array, uniforms: jax
     total = ce.sum(axis=(-2, -1))                                            # (S, n)
     grid = jnp.arange((bins + 1) ** 2)
     q0, q1 = grid // (bins + 1), grid % (bins + 1)
-    train_units = jnp.stack([q0, q1], axis=-1) / bins                        # (K, 2): loss/B when u
+    train_units = (jnp.stack([q0, q1], axis=-1) / bins)[None, None]          # (1, 1, K, 2): loss/B
     train = jnp.sum(ce * train_units, axis=(-2, -1)) / jnp.maximum(total, 1e-300)   # (S, n)
     a = jnp.mean(train)
     p_star = kl_inverse_upper(a, jnp.mean(mi["e"]))
