@@ -273,3 +273,30 @@ def test_config_fields():
                        ({"estimators.supersample": "yes"}, "estimators.supersample")):
         with pytest.raises(kdsim.ConfigError, match=field.replace(".", r"\.")):
             kdsim.SimConfig.from_dict(bad)
+
+
+def test_simulate_hook(monkeypatch):
+    """simulate() of a supersample run adds the columns and rows (the KD evaluation, the
+    costly part and tested elsewhere, is replaced by its dataset column here); without
+    loss_clip a regression run's CMI rows are NaN with the reason."""
+    import importlib
+
+    import pandas as pd
+
+    sim = importlib.import_module("kdsim.simulate")     # the module (kdsim.simulate is the function)
+
+    def kd_stage(run, timer=None):
+        E = run.resolved.static.num_datasets
+        return pd.DataFrame({"dataset": np.arange(E), "gen_S": np.zeros(E)}), pd.DataFrame(
+            columns=["value", "truth", "tightness", "valid"]), []
+
+    monkeypatch.setattr(sim, "linear_columns", kd_stage)
+    res = kdsim.simulate(LINEAR, progress=False)
+    assert res.per_dataset.columns[:3].tolist() == ["dataset", "supersample", "mask"]
+    np.testing.assert_array_equal(res.per_dataset["supersample"], np.repeat(np.arange(6), 16))
+    np.testing.assert_array_equal(res.per_dataset["mask"], np.tile(np.arange(16), 6))
+    assert res.pooled.loc["ldcmi_fast_upper", "family"] == "generic"
+    assert np.isfinite(res.pooled.loc["ldcmi_fast_upper", "value"])
+    res = kdsim.simulate({**LINEAR, "estimators.loss_clip": None}, progress=False)
+    assert res.pooled.loc[list(ec.ROWS), "value"].isna().all()
+    assert any("estimators.loss_clip = B" in n for n in res.notes)
