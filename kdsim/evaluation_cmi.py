@@ -161,20 +161,26 @@ def _se(x: np.ndarray) -> float:
     return float(np.std(x, ddof=1) / np.sqrt(x.size)) if x.size > 1 else float("nan")
 
 
-def cmi_rows(arrays: StudentArrays) -> tuple[pd.DataFrame, list[str]]:
-    """The CMI bounds of one supersample run as pooled rows (columns ``value, truth,
-    tightness, valid, family, loss``) and their notes (plug-in bias, samples, checks)."""
+def bounds_and_truth(arrays: StudentArrays) -> tuple[cmi.CMIBounds, np.ndarray]:
+    """The bounds of :func:`kdsim.estimators.cmi.cmi_bounds` (NumPy) and the truth per
+    supersample ``(S,)`` (mean over its masks' surviving particles)."""
     a = arrays
     with jax.enable_x64(True):
         r = jax.device_get(cmi.cmi_bounds(
             jnp.asarray(a.U), jnp.asarray(a.weight), jnp.asarray(a.losses),
             jnp.asarray(a.uniforms), None if a.labels is None else jnp.asarray(a.labels),
             jnp.float64(a.B), bins=a.bins, num_classes=a.num_classes))
-    S = a.U.shape[0]
-    # the truth per supersample (mean over its masks' surviving particles); se over supersamples
     count = a.weight.sum(axis=(1, 2))
-    truth_s = a.truth.sum(axis=(1, 2)) / np.maximum(count, 1)
-    truth, truth_se = float(truth_s.mean()), _se(truth_s)
+    return r, a.truth.sum(axis=(1, 2)) / np.maximum(count, 1)
+
+
+def cmi_rows(arrays: StudentArrays) -> tuple[pd.DataFrame, list[str]]:
+    """The CMI bounds of one supersample run as pooled rows (columns ``value, truth,
+    tightness, valid, family, loss``) and their notes (plug-in bias, samples, checks)."""
+    a = arrays
+    r, truth_s = bounds_and_truth(a)
+    S = a.U.shape[0]
+    truth, truth_se = float(truth_s.mean()), _se(truth_s)      # se over supersamples
     diff = np.asarray(r.heldout_gap_s) - truth_s
     z = float(diff.mean() / _se(diff)) if S > 1 and _se(diff) > 0 else float("nan")
     values = {
