@@ -17,6 +17,7 @@ from . import closed_form, memory, populations, sharding, streams
 from .config import ConfigError, Resolved, SimConfig, resolve
 from .evaluation import linear_columns
 from .evaluation_cmi import cmi_evaluation
+from .evaluation_proj import proj_evaluation
 from .evaluation_mlp import mlp_columns
 from .models import Prepared, builtin, prepare, same_structure
 from .progress import Progress
@@ -324,6 +325,13 @@ def simulate(config: SimConfig | Mapping[str, Any], teacher_model: Any = None,
         per_dataset, pooled, notes = mlp_columns(run, timer)
         datasets = {"X": run.data.X.astype(np.float64), "Y": run.data.Y,
                     "planted_A": run.data.A, "planted_B": run.data.B}
+    with timer("bounds"):
+        proj = proj_evaluation(run)         # rank-r linear students: the *_proj bound
+    if proj is not None:
+        for name, col in proj[0].items():
+            per_dataset[name] = pd.array(col.astype(bool), dtype="boolean") \
+                if name.endswith("_valid") else col
+        pooled, notes = pd.concat([pooled, proj[1]]), notes + proj[2]
     if run.resolved.static.supersample:     # the CMI rows (SPEC §10): one local hook
         with timer("estimators"):
             ss_cols, ss_pooled, ss_notes = cmi_evaluation(run)
