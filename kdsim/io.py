@@ -93,7 +93,10 @@ def save_result(result, path: str | os.PathLike[str]) -> str:
         else:
             arrays[f"per_dataset/{col}"] = series.to_numpy()
     arrays["summary"] = result.summary.to_numpy(dtype=np.float64)
-    arrays["pooled"] = result.pooled.to_numpy(dtype=np.float64)
+    # text columns of the pooled rows (family, loss) travel in the JSON header
+    text = [c for c in result.pooled.columns
+            if not pd.api.types.is_numeric_dtype(result.pooled[c].dtype)]
+    arrays["pooled"] = result.pooled.drop(columns=text).to_numpy(dtype=np.float64)
     for name, value in result.datasets.items():
         arrays[f"datasets/{name}"] = np.asarray(value)
     buf = _io.BytesIO()
@@ -110,6 +113,8 @@ def save_result(result, path: str | os.PathLike[str]) -> str:
         "per_dataset_dtypes": dtypes,
         "pooled_index": list(result.pooled.index),
         "pooled_columns": list(result.pooled.columns),
+        "pooled_text": {c: [v if isinstance(v, str) else None for v in result.pooled[c]]
+                        for c in text},
         "pooled_attrs": _jsonable(dict(result.pooled.attrs)),
         "summary_index": list(result.summary.index),
         "summary_columns": list(result.summary.columns),
@@ -158,8 +163,13 @@ def read_result(path: str | os.PathLike[str]) -> dict[str, Any]:
         for col, dtype in header["per_dataset_dtypes"].items():
             if dtype == "boolean":
                 per_dataset[col] = _flags(per_dataset[col].to_numpy())
+        text = header.get("pooled_text", {})
         pooled = pd.DataFrame(z["pooled"], index=pd.Index(header["pooled_index"], name="bound"),
-                              columns=header["pooled_columns"])
+                              columns=[c for c in header["pooled_columns"] if c not in text])
+        for col, values in text.items():
+            pooled[col] = pd.Series([np.nan if v is None else v for v in values],
+                                    index=pooled.index)
+        pooled = pooled[header["pooled_columns"]]
         pooled.attrs.update(header["pooled_attrs"])
         summary = pd.DataFrame(z["summary"], index=pd.Index(header["summary_index"], name="quantity"),
                                columns=header["summary_columns"])

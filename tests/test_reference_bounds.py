@@ -65,3 +65,19 @@ def test_bound_holds_and_is_within_3x(rank2, rank):
     assert np.all(q.B0_upper >= q.gen_ref)          # KL > 0 and the DV excess is positive
     assert q.pooled_B0_upper <= 3 * q.pooled_truth  # non-vacuous: the goal of the issue
     assert np.all(np.isfinite(q.kl)) and np.all(q.kl > 0)
+
+
+def test_pooled_text_columns_survive_save_and_load(tmp_path):
+    """The family / loss text columns of res.pooled round-trip through save / load."""
+    import pandas as pd
+
+    from kdsim.io import read_result, save_result
+    from kdsim.result import Result
+
+    pooled = pd.DataFrame({"value": [1.0, 2.0], "truth": [0.5, np.nan],
+                           "family": [np.nan, "kd"], "loss": [np.nan, "squared"]},
+                          index=pd.Index(["B0_upper", "B0_proj_upper"], name="bound"))
+    res = Result(config=kdsim.SimConfig(), per_dataset=pd.DataFrame({"dataset": [0]}),
+                 summary=pd.DataFrame(), datasets={}, pooled=pooled)
+    back = read_result(save_result(res, tmp_path / "r"))["pooled"]
+    pd.testing.assert_frame_equal(back, pooled)
