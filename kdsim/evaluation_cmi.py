@@ -66,11 +66,20 @@ def _bounded_loss(classification: bool, B) -> Callable:
     return lambda f, y: jnp.minimum(0.5 * jnp.sum((y - f) ** 2), B)
 
 
-@partial(jax.jit, static_argnames=("apply",))
-def _predict(params, X, *, apply):
-    """``(E, P, m, out)`` predictions of a population on per-dataset inputs ``(E, m, ...)``."""
-    return jax.vmap(lambda w_e, X_e: jax.lax.map(lambda w: apply(w, X_e), w_e,
-                                                 batch_size=CHUNK))(params, X)
+@partial(jax.jit, static_argnames=("apply", "classification"))
+def _pair_losses(params, X, Y, B, *, apply, classification):
+    """Bounded losses ``(E, P, m)`` of a population on per-dataset points ``X (E, m, ...)``,
+    ``Y (E, m, ...)``, and the predicted labels (classification; else None). Only these
+    leave the program, never the ``(E, P, m, out)`` predictions."""
+    loss = _bounded_loss(classification, B)
+
+    def one(w, X_e, Y_e):
+        f = apply(w, X_e)
+        return jax.vmap(loss)(f, Y_e), (jnp.argmax(f, axis=-1).astype(jnp.int32)
+                                       if classification else None)
+
+    return jax.vmap(lambda w_e, X_e, Y_e: jax.lax.map(lambda w: one(w, X_e, Y_e), w_e,
+                                                      batch_size=CHUNK))(params, X, Y)
 
 
 @partial(jax.jit, static_argnames=("apply", "classification"))
@@ -120,8 +129,12 @@ def student_arrays(run: Any) -> StudentArrays | str:
     with jax.enable_x64(linear or st.dtype == "float64"):
         params = jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), pops.student)
         X2 = jnp.asarray(pairs.X.reshape((E, 2 * n) + pairs.X.shape[3:]), dtype)
-        f = np.asarray(_predict(params, X2, apply=apply), np.float64)
-        f = f.reshape((E, P, n, 2, f.shape[-1]))
+        Y2 = pairs.Y.reshape((E, 2 * n) + pairs.Y.shape[3:])
+        Y2 = jnp.asarray(Y2) if classification else jnp.asarray(Y2, dtype)
+        losses, labels = _pair_losses(params, X2, Y2, jnp.asarray(B, dtype), apply=apply,
+                                      classification=classification)
+        losses = np.asarray(losses, np.float64).reshape(E, P, n, 2)
+        labels = None if labels is None else np.asarray(labels).reshape(E, P, n, 2)
         if linear:
             Xt, Yt = lg.sample_points(streams.stream_key(root, "test"),
                                       streams.stream_key(root, "test_y"), np.arange(E),
@@ -134,13 +147,6 @@ def student_arrays(run: Any) -> StudentArrays | str:
             Yt = jnp.asarray(data.Y_test) if classification else jnp.asarray(data.Y_test, dtype)
         risk = np.asarray(_test_risk(params, Xt, Yt, jnp.asarray(B, dtype), apply=apply,
                                      classification=classification), np.float64)     # (E, P)
-    Y = pairs.Y
-    if classification:
-        labels = np.argmax(f, axis=-1)                                              # (E, P, n, 2)
-        losses = (labels != Y[:, None]).astype(np.float64)
-    else:
-        labels = None
-        losses = np.minimum(0.5 * np.sum((Y[:, None] - f) ** 2, axis=-1), B)
     train = np.take_along_axis(losses, pairs.U[:, None, :, None], axis=-1)[..., 0].mean(-1)
     ok = ~pops.diverged_T & ~pops.diverged_S
     truth = np.where(ok, risk - train, 0.0)
@@ -194,8 +200,9 @@ def cmi_rows(arrays: StudentArrays) -> tuple[pd.DataFrame, list[str]]:
         v = float(values[name])
         if name == "supersample_heldout_gap":
             valid = float("nan") if np.isnan(z) else float(abs(z) <= CHECK_Z)
-        else:
-            valid = float("nan") if np.isnan(v) else float(v >= truth - VALID_Z * truth_se)
+        else:   # one supersample gives no standard error: validity unknown
+            valid = (float("nan") if np.isnan(v) or not np.isfinite(truth_se)
+                     else float(v >= truth - VALID_Z * truth_se))
         rows[name] = (v, truth, v - truth, valid, "generic", a.loss)
     df = pd.DataFrame.from_dict(rows, orient="index",
                                 columns=["value", "truth", "tightness", "valid", "family", "loss"])
