@@ -110,8 +110,7 @@ def _linear_apply(W, X):
 def student_arrays(run: Any) -> StudentArrays | str:
     """The students' bounded losses (and labels) on the pairs, and their true gaps; or the
     reason the CMI rows are NaN (a string)."""
-    st, nm, cfg, data, pops = (run.resolved.static, run.resolved.numeric, run.config, run.data,
-                               run.populations)
+    st, cfg, data, pops = run.resolved.static, run.config, run.data, run.populations
     classification = st.classification
     if classification:
         B, bins, name = 1.0, 1, "01"
