@@ -256,7 +256,12 @@ def cmi_evaluation(run: Any) -> tuple[dict[str, np.ndarray], pd.DataFrame, list[
     st = run.resolved.static
     e = np.arange(st.num_datasets)
     cols = {"supersample": e // st.masks, "mask": e % st.masks}
+    note = ("supersample run: res.summary's standard errors treat the supersamples x masks "
+            "datasets as independent, but the masks of one supersample share its points; "
+            "cluster by the per_dataset column `supersample` (the CMI rows do)")
     arrays = student_arrays(run)
     if isinstance(arrays, str):
-        return cols, *nan_rows(arrays, "01" if st.classification else "clipped")
-    return cols, *cmi_rows(arrays)
+        pooled, notes = nan_rows(arrays, "01" if st.classification else "clipped")
+    else:
+        pooled, notes = cmi_rows(arrays)
+    return cols, pooled, notes + [note]
