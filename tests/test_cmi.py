@@ -202,11 +202,12 @@ def test_linear_bounds_hold_on_the_exact_truth(linear_runs):
         tol = 4 * B / 2 / np.sqrt(run.resolved.static.n_test * 96)
         assert df.loc["ecmi_upper", "truth"] == pytest.approx(truth, abs=tol)
         assert set(df["family"]) == {"generic"} and set(df["loss"]) == {"clipped"}
-        for name in ("ecmi_upper", "ldcmi_upper", "ldcmi_fast_upper", "ecmi_kl_upper"):
+        for name in ("ecmi_upper", "ldcmi_upper", "ldcmi_fast_upper", "ecmi_kl_upper",
+                     "ldcmi_kl_upper"):
             assert df.loc[name, "value"] >= truth - 3 * se, (name, df.loc[name, "value"], truth)
             assert df.loc[name, "valid"] == 1.0
         assert df.loc["ldcmi_upper", "value"] <= df.loc["ecmi_upper", "value"]
-        assert np.isnan(df.loc["fcmi_upper", "value"]) and np.isnan(df.loc["ldcmi_kl_upper", "value"])
+        assert np.isnan(df.loc["fcmi_upper", "value"]) and np.isnan(df.loc["ldcmi_interpolating", "value"])
         assert df.loc["supersample_heldout_gap", "valid"] == 1.0
         assert any("plug-in bias" in n for n in notes) and any("f-CMI needs" in n for n in notes)
 

@@ -30,7 +30,8 @@ the product of its marginals, in which ``U_i`` is a fair bit independent of ``X_
   convexity) gives, after the sup over lam and joint convexity over ``(z, i)``,
   ``d(Lhat / B || (Lhat + L_mu) / 2B) <= (1/n) sum_i E_z I^z(L_i; U_i)``, inverted for
   ``L_mu``;
-- binary-KL form of the ld-CMI (0-1 loss: ``Delta_i in {-1, 0, 1}``): with
+- binary-KL form of the ld-CMI (losses on two levels, ``bins = 1``: the 0-1 loss, or a
+  clipped loss rounded onto ``{0, B}``; ``Delta_i / B in {-1, 0, 1}``): with
   ``q = P(Delta_i != 0 | z)`` the law of ``G_i`` is ``(a, 1 - q, q - a)`` on
   ``(1, 0, -1)`` against ``(q/2, 1 - q, q/2)`` under the product law, whose KL is
   ``q d(a/q || 1/2) <= I^z(Delta_i; U_i)``, so ``E[G_i | z] <= q (2 x* - 1)`` with
@@ -199,7 +200,7 @@ class CMIBounds(NamedTuple):
     ldcmi: jax.Array             # square-root ld-CMI
     ldcmi_se: jax.Array
     ecmi_kl: jax.Array           # binary-KL e-CMI
-    ldcmi_kl: jax.Array          # binary-KL ld-CMI (grid of 3 values: the 0-1 loss), else NaN
+    ldcmi_kl: jax.Array          # binary-KL ld-CMI (losses on two levels, bins = 1), else NaN
     ldcmi_fast: jax.Array        # fast-rate ld-CMI (exact symmetric CGF)
     ldcmi_interp: jax.Array      # interpolating identity (0-1 loss); NaN unless interpolating
     interpolating: jax.Array     # 1.0 if the training loss is 0 on every sample
