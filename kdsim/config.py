@@ -368,9 +368,9 @@ class EstimatorsConfig(_Validated):
                                doc="teacher particles (besides the centre) over which S_D is maximised")
     supersample: bool = _f(False, _Bool(), static=True,
                            doc="CMI design (SPEC §10): num_datasets supersamples of n pairs drawn "
-                               "from mu, each trained under `masks` independent masks; the dataset "
-                               "axis becomes supersamples x masks and res.pooled gains the "
-                               "f-CMI / e-CMI / ld-CMI rows")
+                               "from mu, each trained under `masks` masks drawn independently of "
+                               "the data; the dataset axis becomes supersamples x masks and "
+                               "res.pooled gains the f-CMI / e-CMI / ld-CMI rows")
     masks: int = _f(32, _Int(16, 1 << 16), static=True,
                     doc="M: masks per supersample (supersample runs; even: complementary "
                         "pairs), each with its own num_particles particles")
