@@ -58,11 +58,19 @@ def gaussian_kl_rows(M1: np.ndarray, S1: np.ndarray, M0: np.ndarray, S0: np.ndar
 
 
 @jax.jit
-def _dv(members: cgf_mod.ExactCGF, kl: jax.Array):
-    """Per-dataset and pooled ``min_lam (KL + Lambda(lam)) / lam`` (one program)."""
+def _dv(members: cgf_mod.ExactCGF, kl: jax.Array, used: jax.Array):
+    """Per-dataset and pooled ``min_lam (KL + Lambda(lam)) / lam`` (one program); the
+    pooled form averages the datasets marked in ``used`` (the others are padding)."""
     per, _ = jax.vmap(lambda c, x: bounds.dv_excess(x, c))(members, kl)
-    pooled = cgf_mod.PooledCGF(members, jnp.ones(kl.shape, bool))
-    return per, bounds.dv_excess(jnp.mean(kl), pooled)[0]
+    pooled = cgf_mod.PooledCGF(members, used)
+    return per, bounds.dv_excess(jnp.sum(jnp.where(used, kl, 0.0)) / used.sum(), pooled)[0]
+
+
+def _padded(a: np.ndarray, size: int) -> np.ndarray:
+    """``a`` along its first axis padded to ``size`` with copies of its first entry, so
+    runs of similar sizes share one compiled program."""
+    a = np.asarray(a)
+    return np.concatenate([a, np.repeat(a[:1], size - a.shape[0], axis=0)])
 
 
 def projected_reference(laws: closed_form.GaussianLaws, data: LinearData) -> ProjectedReference:
@@ -81,10 +89,13 @@ def projected_reference(laws: closed_form.GaussianLaws, data: LinearData) -> Pro
     k = laws.M_T.shape[-2]
     kappa, A = cgf_mod.exact_terms(M_ref, S_ref, data.Cxx, data.Cyx, data.W_star, data.sx)
     members = cgf_mod.exact(kappa, A, k)
+    E = kl.shape[0]
+    size = max(8, 1 << max(0, E - 1).bit_length())      # power-of-two buckets
     with jax.enable_x64(True):
-        excess, pooled_excess = jax.device_get(_dv(jax.tree_util.tree_map(jnp.asarray, members),
-                                                   jnp.asarray(kl)))
-    excess = np.asarray(excess, np.float64)
+        excess, pooled_excess = jax.device_get(_dv(
+            jax.tree_util.tree_map(lambda a: jnp.asarray(_padded(a, size)), members),
+            jnp.asarray(_padded(kl, size)), jnp.arange(size) < E))
+    excess = np.asarray(excess, np.float64)[:E]
     return ProjectedReference(kl=kl, gen_ref=gen_ref, B0_upper=gen_ref + excess, truth=truth,
                               pooled_B0_upper=float(gen_ref.mean() + float(pooled_excess)),
                               pooled_truth=float(truth.mean()))
