@@ -66,9 +66,10 @@ def test_binary_kl_inverses_against_scipy():
         assert float(cmi.kl_inverse_first(jnp.float64(0.5), jnp.float64(0.7))) == 1.0   # r > log 2
 
 
-def _memoriser(seed=0, S=4, M=16, P=16, n=24, K=3, rate=0.3):
+def _memoriser(seed=0, S=4, M=16, P=8, n=16, K=3, rate=0.3):
     """A learner that copies the label of each training point with probability ``rate``
-    and guesses otherwise: its expected gap (0-1 loss) is rate (1 - 1/K)."""
+    and guesses otherwise: its expected gap (0-1 loss) is rate (1 - 1/K). The default
+    shapes are the planted-classification run's below: one compiled program for both."""
     rng = np.random.default_rng(seed)
     U0 = rng.integers(0, 2, (S, M // 2, n))
     U = np.concatenate([U0, 1 - U0], axis=1)
