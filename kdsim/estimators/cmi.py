@@ -18,13 +18,13 @@ the product of its marginals, in which ``U_i`` is a fair bit independent of ``X_
   ``E gen <= (B/n) sum_i E_z sqrt(2 I^z(X_i; U_i))`` with ``X_i`` = the pair of predicted
   labels (f-CMI, Harutyunyan, Achille, Paolini, Majumder, Ravichandran, Soatto &
   Galstyan, "Information-theoretic generalization bounds for black-box learning
-  algorithms", NeurIPS 2021, Thm 2.3; constant checked against the authors' code,
+  algorithms", NeurIPS 2021; constant checked against the authors' code,
   ``sqrt(2 * mi)`` per example), the loss pair (e-CMI, Hellström & Durisi,
   "Generalization bounds via information density and conditional information
   density", IEEE JSAIT 2020, and NeurIPS 2022 "A new family of generalization bounds
   using samplewise evaluated CMI"), the loss difference (ld-CMI, Wang & Mao,
-  "Tighter information-theoretic generalization bounds from supersamples", ICML 2023,
-  Thm 3.1);
+  "Tighter information-theoretic generalization bounds from supersamples", ICML 2023);
+  each derived again here (the theorem texts were not available to check line by line)
 - binary-KL form of the e-CMI (Hellström & Durisi 2022): DV with ``f = lam L_train``
   and ``E_U' e^{lam L_{U'}} <= 1 - m + m e^lam`` (``m`` the pair's mean loss / B, by
   convexity) gives, after the sup over lam and joint convexity over ``(z, i)``,
@@ -40,8 +40,8 @@ the product of its marginals, in which ``U_i`` is a fair bit independent of ``X_
 - fast-rate form of the ld-CMI: DV with ``f = lam G_i`` and the EXACT product-law CGF
   ``log E[cosh(lam Delta_i / B) | z]`` (``U'`` is a fair bit independent of Delta):
   ``E gen <= B min_lam [ (1/n) sum_i E_z (I^z(Delta_i; U_i) + log E[cosh(lam Delta_i/B)|z]) ] / lam``,
-  linear in the MI where the loss differences are rare (Wang & Mao 2023, §4, derived
-  here with the exact symmetric CGF instead of their relaxations);
+  linear in the MI where the loss differences are rare (in the spirit of Wang & Mao's
+  fast-rate bounds; derived here with the exact symmetric CGF, not their constants);
 - the interpolating identity (0-1 loss, training error 0 on every run; Wang & Mao 2023,
   Haghifam et al. 2022): ``Delta_i`` then reveals ``U_i`` exactly when it is non-zero, so
   ``I(Delta_i; U_i) = P(held-out error) log 2`` (unconditional MI) and
