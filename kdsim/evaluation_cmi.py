@@ -212,12 +212,12 @@ def cmi_rows(arrays: StudentArrays) -> tuple[pd.DataFrame, list[str]]:
     M, P = a.weight.shape[1:]
     mi, null = np.asarray(r.mi), np.asarray(r.mi_null)
     fam = lambda arr: ", ".join(f"{f} {x:.4g}" for f, x in zip(("f", "e", "ld"), arr))
+    grid = f"{{0, {a.B:g}}}" if a.bins == 1 else f"{a.bins + 1} levels {{0, ..., {a.B:g}}}"
     loss_desc = ("the 0-1 loss" if a.loss == "01" else
-                 f"the squared loss clipped to [0, {a.B:g}], stochastically rounded onto "
-                 f"{a.bins + 1} levels {{0, ..., {a.B:g}}} (exact in expectation, so the bounds "
-                 "stay valid)")
+                 f"the squared loss clipped to [0, {a.B:g}], stochastically rounded onto {grid} "
+                 "(exact in expectation, so the bounds stay valid)")
     notes = [
-        f"CMI bounds (SPEC §10) on {loss_desc}: {S} supersamples x {M} masks x {P} particles; "
+        f"CMI bounds (supersample design) on {loss_desc}: {S} supersamples x {M} masks x {P} particles; "
         f"plug-in MI per pair from {float(r.samples):.0f} samples (M x P); mean MI per pair "
         f"(nats): {fam(mi)}; truth {truth:.4g} +- {truth_se:.2g} (se over supersamples)",
         f"CMI plug-in bias: the same MIs with each mask paired with another mask's particles "
@@ -231,9 +231,10 @@ def cmi_rows(arrays: StudentArrays) -> tuple[pd.DataFrame, list[str]]:
         notes.append("ldcmi_kl_upper, ldcmi_interpolating: NaN, they need losses on two levels "
                      "(loss differences in {-B, 0, B})")
     elif not np.isnan(r.ldcmi_kl) and float(r.interpolating) == 0:
+        what = "0-1 error" if a.loss == "01" else "rounded loss"
         notes.append(f"ldcmi_interpolating: NaN, the student does not interpolate (mean "
-                     f"training 0-1 error {float(r.train_loss):.3g} > 0); the identity needs "
-                     "zero training error on every run")
+                     f"training {what} {float(r.train_loss):.3g} > 0); the identity needs "
+                     "zero training loss on every run")
     if not np.isnan(z) and abs(z) > CHECK_Z:
         notes.append(
             f"supersample_heldout_gap: the held-out halves give a gap of {float(r.heldout_gap):.4g} "
