@@ -375,9 +375,18 @@ class EstimatorsConfig(_Validated):
                                              "sweeping the data from a random start (unbiased; its "
                                              "noise is in the standard error). All n costs about "
                                              "n/d times the linear step")
+    supersample: bool = _f(False, _Bool(), static=True,
+                           doc="CMI design (SPEC §10): num_datasets supersamples of n pairs drawn "
+                               "from mu, each trained under `masks` masks drawn independently of "
+                               "the data; the dataset axis becomes supersamples x masks and "
+                               "res.pooled gains the f-CMI / e-CMI / ld-CMI rows")
+    masks: int = _f(32, _Int(16, 1 << 16), static=True,
+                    doc="M: masks per supersample (supersample runs; even: complementary "
+                        "pairs), each with its own num_particles particles")
     loss_clip: float | None = _f(None, _Float(gt=0.0, optional=True), static=False,
-                                 doc="B for bounds that need a loss in [0, B] (regression: the squared "
-                                     "loss clipped at B); null = those bounds are NaN for regression")
+                                 doc="B of the bounds that need a loss in [0, B] (the generic rows of "
+                                     "regression runs): the squared loss clipped to [0, B], truth on "
+                                     "the same clipped loss; null = those rows are NaN with the reason")
 
 
 @dataclass(frozen=True)
@@ -422,6 +431,9 @@ class SimConfig(_Validated):
             if s.rank > t.d:
                 raise ConfigError(f"student.rank must be <= task.d = {t.d}, got {s.rank}")
         est = self.estimators
+        if est.masks % 2:
+            raise ConfigError(f"estimators.masks must be an even integer >= 16 (masks come in "
+                              f"complementary pairs), got {est.masks}")
         p_dim = t.k * t.d
         if est.bound_divergence == "gaussian_full" and self.num_particles < 5 * p_dim \
                 and t.name == "linear_gaussian":
@@ -730,6 +742,9 @@ class Static(NamedTuple):
     sampling: str = "iid"          # pool tasks: how a dataset draws from the pool
     trajectory: bool = False       # accumulate the trajectory-bound sums along the runs
     trajectory_examples: int = 0   # per-example gradients per step (0: all n)
+    supersample: bool = False      # CMI design: num_datasets = supersamples x masks
+    supersamples: int = 0          # S (supersample runs; 0 otherwise)
+    masks: int = 1                 # M (supersample runs; 1 otherwise)
 
 
 class LangevinNumeric(NamedTuple):
@@ -864,7 +879,9 @@ def resolve(cfg: SimConfig) -> Resolved:
 
     static = Static(
         task=task.name, d=task.d, k=task.k, n=task.n, rank=rank, full_student=full,
-        num_datasets=cfg.num_datasets, num_particles=cfg.num_particles,
+        # a supersample run's dataset axis is supersamples x masks (dataset e = s M + m)
+        num_datasets=cfg.num_datasets * (est.masks if est.supersample else 1),
+        num_particles=cfg.num_particles,
         teacher_steps=t.num_steps, student_steps=steps_s, dtype=cfg.dtype,
         engine_precision=cfg.engine_precision,
         particle_chunk=min(cfg.particle_chunk or cfg.num_particles, cfg.num_particles),
@@ -877,7 +894,10 @@ def resolve(cfg: SimConfig) -> Resolved:
         student_kernel_size=s.model.kernel_size, teacher_schedule=t.schedule,
         student_schedule=sl.schedule or t.schedule, classification=is_classification(task),
         input_shape=(task.d,), sampling=task.sampling, trajectory=est.trajectory_bounds,
-        trajectory_examples=min(est.trajectory_examples or task.n, task.n))
+        trajectory_examples=min(est.trajectory_examples or task.n, task.n),
+        supersample=est.supersample,
+        supersamples=cfg.num_datasets if est.supersample else 0,
+        masks=est.masks if est.supersample else 1)
     numeric = Numeric(
         teacher=teacher, student=student, alpha=s.alpha, teacher_noise=s.teacher_noise,
         temperature=s.temperature, noise=task.noise, input_scale=task.input_scale,

@@ -94,7 +94,8 @@ def save_result(result, path: str | os.PathLike[str]) -> str:
             arrays[f"per_dataset/{col}"] = series.to_numpy()
     arrays["summary"] = result.summary.to_numpy(dtype=np.float64)
     # text columns of the pooled rows (family, loss) travel in the JSON header
-    text_cols = [c for c in result.pooled.columns if result.pooled[c].dtype == object]
+    text_cols = [c for c in result.pooled.columns
+                 if not pd.api.types.is_numeric_dtype(result.pooled[c].dtype)]
     num_cols = [c for c in result.pooled.columns if c not in text_cols]
     arrays["pooled"] = result.pooled[num_cols].to_numpy(dtype=np.float64)
     for name, value in result.datasets.items():
@@ -166,7 +167,7 @@ def read_result(path: str | os.PathLike[str]) -> dict[str, Any]:
         pooled = pd.DataFrame(z["pooled"], index=pd.Index(header["pooled_index"], name="bound"),
                               columns=header["pooled_columns"])
         for col, values in header.get("pooled_text", {}).items():
-            pooled[col] = pd.Series(values, index=pooled.index, dtype=object)
+            pooled[col] = pd.Series([np.nan if v is None else v for v in values], index=pooled.index)
         pooled = pooled[header.get("pooled_order", list(pooled.columns))]
         pooled.attrs.update(header["pooled_attrs"])
         summary = pd.DataFrame(z["summary"], index=pd.Index(header["summary_index"], name="quantity"),

@@ -31,7 +31,7 @@ def summarize(per_dataset: pd.DataFrame, seed: int = 0, level: float = 0.95) -> 
     rng = np.random.default_rng([seed, 0x5EED])
     rows = {}
     for col in per_dataset.columns:
-        if col == "dataset":
+        if col in ("dataset", "supersample", "mask"):     # indices, not quantities
             continue
         v = per_dataset[col].to_numpy(dtype=np.float64, na_value=np.nan)
         n = v.size

@@ -16,6 +16,8 @@ import pandas as pd
 from . import closed_form, generic_tables, memory, populations, sharding, streams
 from .config import ConfigError, Resolved, SimConfig, resolve
 from .evaluation import linear_columns
+from .evaluation_cmi import cmi_evaluation
+from .evaluation_proj import proj_evaluation
 from .evaluation_mlp import mlp_columns
 from .models import Prepared, builtin, prepare, same_structure
 from .progress import Progress
@@ -26,6 +28,7 @@ from .tasks import mlp as mlp_task
 from .timing import StageTimer
 from .tasks import pool as pool_task
 from .tasks import sources
+from .tasks import supersample
 
 
 class DivergenceError(RuntimeError):
@@ -195,6 +198,8 @@ def _run(cfg: SimConfig, res: Resolved, models, bar: Progress, pool: sources.Poo
         def engine(root, res, data, datasets, particles, bar):
             task = populations.ModelData(data.X, data.Y, data.classification)
             return populations.run_model(root, res, task, datasets, particles, models, bar)
+    if st.supersample:   # dataset e = supersample e // M under mask e % M (SPEC §10)
+        make = supersample.data_maker(st, nm, root, pool)
     data = make(np.arange(st.num_datasets))
     if st.task == "linear_gaussian":     # before any chain runs: an error or notes
         res = res._replace(warnings=res.warnings + tuple(check_step_sizes(cfg, res, data)))
@@ -320,6 +325,19 @@ def simulate(config: SimConfig | Mapping[str, Any], teacher_model: Any = None,
         per_dataset, pooled, notes = mlp_columns(run, timer)
         datasets = {"X": run.data.X.astype(np.float64), "Y": run.data.Y,
                     "planted_A": run.data.A, "planted_B": run.data.B}
+    with timer("bounds"):
+        proj = proj_evaluation(run)         # rank-r linear students: the *_proj bound
+    if proj is not None:
+        for name, col in proj[0].items():
+            per_dataset[name] = pd.array(col.astype(bool), dtype="boolean") \
+                if name.endswith("_valid") else col
+        pooled, notes = pd.concat([pooled, proj[1]]), notes + proj[2]
+    if run.resolved.static.supersample:     # the CMI rows (SPEC §10): one local hook
+        with timer("estimators"):
+            ss_cols, ss_pooled, ss_notes = cmi_evaluation(run)
+        for pos, (name, col) in enumerate(ss_cols.items()):
+            per_dataset.insert(1 + pos, name, col)
+        pooled, notes = pd.concat([pooled, ss_pooled]), notes + ss_notes
     with timer("bounds"):   # the generic bounds (SPEC §10) and family / loss of every row
         per_dataset, pooled, notes = generic_tables.extend(run, per_dataset, pooled, notes)
     with timer("tables"):

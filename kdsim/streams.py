@@ -38,6 +38,8 @@ STREAMS: dict[str, int] = {
     "trajectory_S": 16,   # the same for the student phase
     "clip_test": 17,      # fresh test points for the clipped-loss truth of the linear task
     "soft_label_rest": 18,  # linear task: the per-example channel noise beyond its statistic
+    "mask": 19,           # supersample runs: the mask U of dataset e = (supersample, mask)
+    "cmi_rounding": 20,   # CMI bounds: stochastic rounding of clipped losses onto a grid
 }
 
 

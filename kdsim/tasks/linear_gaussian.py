@@ -104,6 +104,14 @@ def make_data(root: jax.Array, datasets: np.ndarray, *, n: int, d: int, k: int, 
     W_star = planted_weights(root, d, k, signal_decay)
     X, Y = sample_points(streams.stream_key(root, "data_x"), streams.stream_key(root, "data_y"),
                          datasets, n, W_star, sx, noise)
+    return from_points(X, Y, W_star, sx, noise, rank=rank, full_student=full_student)
+
+
+def from_points(X: np.ndarray, Y: np.ndarray, W_star: np.ndarray, sx: np.ndarray, noise: float, *,
+                rank: int, full_student: bool) -> LinearData:
+    """The float64 statistics of given training sets ``X (E, n, d)``, ``Y (E, n, k)``
+    (e.g. the supersample design's training halves, :mod:`kdsim.tasks.supersample`)."""
+    n = X.shape[1]
     Cxx = np.einsum("eni,enj->eij", X, X) / n
     Cyx = np.einsum("enk,enj->ekj", Y, X) / n
     Cyy = np.einsum("enk,enk->e", Y, Y) / n
