@@ -36,7 +36,7 @@ from . import closed_form, streams
 from . import bound_tables as ev
 from .config import Resolved
 from .estimators import sharpness
-from .stats import mean_se
+from .stats import masked_mean_se
 
 F_NAMES = tuple("F_" + b for b in ev.BOUND_NAMES)
 CHANNEL_BLOCK = 1 << 14     # particles whose channel draws are made in one call
@@ -220,13 +220,9 @@ def columns(run, ok: np.ndarray, usable: np.ndarray, pred_T: Predictions, pred_S
     gbar_T = noise_averaged_gap(pred_T, Y, ghost.Y, classification, tau)
     gbar_S = noise_averaged_gap(pred_S, Y, ghost.Y, classification, tau)
     conv = convexity(pred_S, pred_T, classification, nu_p, tau)
-    for name in ("gen_T_F", "gen_T_F_se", "gen_S_F", "gen_S_F_se", "klF_convexity", "klF_convexity_se"):
-        cols[name] = np.full(E, np.nan)
-    for e in np.flatnonzero(usable):
-        keep = ok[e]
-        cols["gen_T_F"][e], cols["gen_T_F_se"][e] = mean_se(gbar_T[e, keep])
-        cols["gen_S_F"][e], cols["gen_S_F_se"][e] = mean_se(gbar_S[e, keep])
-        cols["klF_convexity"][e], cols["klF_convexity_se"][e] = mean_se(conv[e, keep])
+    cols["gen_T_F"], cols["gen_T_F_se"] = masked_mean_se(gbar_T, ok, usable)
+    cols["gen_S_F"], cols["gen_S_F_se"] = masked_mean_se(gbar_S, ok, usable)
+    cols["klF_convexity"], cols["klF_convexity_se"] = masked_mean_se(conv, ok, usable)
     if truth_exact is not None:
         cols["gen_T_F_exact"], cols["gen_S_F_exact"] = truth_exact
     if klF_exact is not None:

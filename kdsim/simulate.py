@@ -15,8 +15,7 @@ import pandas as pd
 
 from . import closed_form, memory, populations, sharding, streams
 from .config import ConfigError, Resolved, SimConfig, resolve
-from .evaluation import linear_columns
-from .evaluation_mlp import mlp_columns
+from .evaluation import evaluate
 from .models import Prepared, builtin, prepare, same_structure
 from .progress import Progress
 from .progress import enabled as progress_enabled
@@ -308,16 +307,14 @@ def simulate(config: SimConfig | Mapping[str, Any], teacher_model: Any = None,
     run = _populations(cfg, res, models, progress, pool)
     check_divergence(run)
     timer = StageTimer()
+    per_dataset, pooled, notes = evaluate(run, timer)
     if run.resolved.static.task == "linear_gaussian":
-        per_dataset, pooled, notes = linear_columns(run, timer)
         datasets = {"X": run.data.X, "Y": run.data.Y, "W_star": run.data.W_star}
     elif run.resolved.static.task == "pool":
-        per_dataset, pooled, notes = mlp_columns(run, timer)
         datasets = {"X": run.data.X.astype(np.float64), "Y": run.data.Y,
                     "index": run.data.index.astype(np.int64)}
         notes = [pool_note(run)] + notes
     else:
-        per_dataset, pooled, notes = mlp_columns(run, timer)
         datasets = {"X": run.data.X.astype(np.float64), "Y": run.data.Y,
                     "planted_A": run.data.A, "planted_B": run.data.B}
     with timer("tables"):

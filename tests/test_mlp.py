@@ -326,17 +326,15 @@ def test_scratch_can_be_switched_off():
 def test_classification_convexity_is_student_first_kl_summed_over_points():
     cfg = _cfg("mlp_classification", **{"student.temperature": 2.0})
     run = kdsim.run_populations(cfg)
-    from kdsim import evaluation_mlp as em
-    res = resolve(cfg)
+    from kdsim import evaluation
     tm, sm = run.models
     X = jnp.asarray(run.data.X)
     fT = np.asarray(jax.vmap(lambda w_e, x: jax.vmap(lambda w: tm.apply(w, x))(w_e))(
         run.populations.teacher, X), np.float64)
     fS = np.asarray(jax.vmap(lambda w_e, x: jax.vmap(lambda w: sm.apply(w, x))(w_e))(
         run.populations.student, X), np.float64)
-    notes = []
-    ok = np.ones(fT.shape[:2], bool)
-    cols = em._predictive_columns(fS, fT, ok, np.ones(3, bool), res.numeric, True, notes)
+    ctx, _, _ = evaluation.context(run)
+    cols = evaluation.predictive_stage(ctx, evaluation.Produced({}, {})).columns
     lq = fS / 2 - np.log(np.exp(fS / 2).sum(-1, keepdims=True))
     lp = fT / 2 - np.log(np.exp(fT / 2).sum(-1, keepdims=True))
     direct = (np.exp(lq) * (lq - lp)).sum((-1, -2)).mean(1)

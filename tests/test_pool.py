@@ -13,7 +13,7 @@ import kdsim
 import kdsim.models
 from kdsim import streams
 from kdsim.config import ConfigError, parse_toml
-from kdsim.evaluation_mlp import particle_metrics
+from kdsim.evaluation import particle_metrics
 from kdsim.tasks import pool as pool_task
 from kdsim.tasks import sources
 import importlib
