@@ -45,7 +45,8 @@ def finish(cols: dict, pooled: pd.DataFrame, notes: list[str]) -> Evaluation:
 def as_flags(values: np.ndarray) -> pd.arrays.BooleanArray:
     """1/0/NaN -> True/False/<NA> (a flag that does not apply is missing, not False)."""
     values = np.asarray(values, np.float64)
-    return pd.array([pd.NA if np.isnan(v) else bool(v) for v in values], dtype="boolean")
+    missing = np.isnan(values)
+    return pd.arrays.BooleanArray(np.where(missing, False, values != 0), missing)
 
 
 def _split(P: int, holdout: float) -> int:

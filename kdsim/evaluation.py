@@ -33,6 +33,7 @@ import numpy as np
 import pandas as pd
 
 from . import bound_tables as bt
+from . import bounds
 from . import closed_form, losses, streams
 from . import function_space as fs
 from .bound_tables import MIN_PAIRS, BoundInputs, Evaluation, _split, bound_columns, finish
@@ -81,6 +82,7 @@ class SharpnessProblem(NamedTuple):
     dtype: Any                 # the precision the HVPs run in
     num_iters: int
     num_probes: int
+    small: bool = False        # milliseconds of work: compile with cheaper code generation
 
 
 class Ghost(NamedTuple):
@@ -381,8 +383,7 @@ def start_vectors(seed: int, E: int, purpose: int, shapes: tuple[tuple[int, ...]
     return out
 
 
-@partial(jax.jit, static_argnames=("fns", "num_iters"))
-def _sharpness(centres, points, rho, data, shared, v_top, probes, v_gap, *, fns, num_iters: int):
+def _sharpness_impl(centres, points, rho, data, shared, v_top, probes, v_gap, *, fns, num_iters: int):
     """Per dataset: training-loss sharpness at the centre, and G_D, S_D of the gap.
 
     Args:
@@ -406,6 +407,13 @@ def _sharpness(centres, points, rho, data, shared, v_top, probes, v_gap, *, fns,
         return top, trace, trace_se, G, S, sam
 
     return jax.vmap(one)(centres, points, rho, data, v_top, probes, v_gap)
+
+
+_sharpness = jax.jit(_sharpness_impl, static_argnames=("fns", "num_iters"))
+# the linear task's program (small float64 HVPs, milliseconds to run) compiles faster
+# with cheaper code generation; models' HVPs through networks keep XLA's full optimisation
+_sharpness_small = jax.jit(_sharpness_impl, static_argnames=("fns", "num_iters"),
+                           compiler_options=bounds.FAST_COMPILE)
 
 
 def laplace_columns(ctx: Context) -> dict[str, np.ndarray]:
@@ -446,7 +454,8 @@ def sharpness_stage(ctx: Context, so_far: Produced) -> StageOutput:
             cfg.seed, E, 0, ((2, ball.p_dim), (prob.num_probes, ball.p_dim), (Q + 1, ball.p_dim)),
             prob.dtype, rademacher=(1,))
         cast = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, prob.dtype), t)
-        out = _sharpness(cast(ball.centres), cast(ball.points), cast(ball.rho), prob.data, prob.shared,
+        program = _sharpness_small if prob.small else _sharpness
+        out = program(cast(ball.centres), cast(ball.points), cast(ball.rho), prob.data, prob.shared,
                          v_top, probes, v_gap, fns=prob.fns, num_iters=prob.num_iters)
         top, trace, trace_se, G, S, sam = (np.asarray(x, np.float64) for x in jax.device_get(out))
     cols = {"sharpness_top": top, "sharpness_trace": trace, "sharpness_trace_se": trace_se,
@@ -595,7 +604,7 @@ def linear_view(run) -> tuple[TaskView, LinearExtras]:
         f64 = lambda a: jnp.asarray(a, jnp.float64)
         prob = SharpnessProblem(_LinearFns(), (f64(data.Cxx), f64(data.Cyx), f64(data.Cyy)),
                                 (f64(data.W_star), f64(data.sx), f64(data.noise)), jnp.float64,
-                                num_iters=200, num_probes=128)
+                                num_iters=200, num_probes=128, small=True)
     view = TaskView(
         losses=(loss,), teacher=W_T, theta_T=W_T.reshape(E, P, p_dim),
         theta_S=W_S.reshape(E, P, p_dim) if st.full_student else None,

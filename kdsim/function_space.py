@@ -105,7 +105,7 @@ def channel_samples(seed: int, preds: Predictions, Y, Y_ghost, classification: b
     keys = streams.particle_keys(root, "channel", jnp.arange(E, dtype=jnp.uint32),
                                  jnp.arange(P, dtype=jnp.uint32))
     # datasets in vmapped blocks of at most CHANNEL_BLOCK particles (bounded memory),
-    # one device-to-host copy per block
+    # dispatched asynchronously; one device-to-host copy after the loop
     block = max(1, CHANNEL_BLOCK // P)
     out = []
     for lo in range(0, E, block):
@@ -118,8 +118,8 @@ def channel_samples(seed: int, preds: Predictions, Y, Y_ghost, classification: b
             r_t = jnp.asarray(Y[sl, None] - preds.train[sl], jnp.float32)
             r_g = jnp.asarray(Y_ghost[sl, None] - preds.ghost[sl], jnp.float32)
             g = _gaussian_channel_gaps_all(keys[sl], r_t, r_g, jnp.float32(nu_p), draws=draws)
-        out.append(np.asarray(g, np.float64))
-    return np.concatenate(out)
+        out.append(g)
+    return np.concatenate([np.asarray(g, np.float64) for g in jax.device_get(out)])
 
 
 @partial(jax.jit, static_argnames=("draws",))
