@@ -184,17 +184,21 @@ def subgaussian_bound(kl, cgf, lam_max) -> SubGaussian:
     sigma2 = subgaussian_sigma2(cgf, lam_max)
     excess, lam = subgaussian_excess(kl, sigma2, lam_max)
 
-    def body(_, s):
-        sigma2, excess, lam, done = s
+    def body(s):
+        i, sigma2, excess, lam, done = s
         live = ~done & jnp.isfinite(lam) & (lam > 0)
         r = cgf.ratio(jnp.where(live, lam, 1.0) * 1.0)
         grow = live & (r > sigma2 * (1 + 1e-12))
         sigma2 = jnp.where(grow, r, sigma2)
         e2, l2 = subgaussian_excess(kl, sigma2, lam_max)
-        return sigma2, jnp.where(grow, e2, excess), jnp.where(grow, l2, lam), ~grow
+        return i + 1, sigma2, jnp.where(grow, e2, excess), jnp.where(grow, l2, lam), ~grow
 
-    sigma2, excess, lam, _ = jax.lax.fori_loop(
-        0, SELF_CONSISTENCY_STEPS, body, (sigma2, excess, lam, jnp.zeros((), bool)))
+    # at most SELF_CONSISTENCY_STEPS steps; a finished problem never changes again, so
+    # stopping when every one (of a vmapped batch) is done gives the same numbers in the
+    # one or two steps it usually takes
+    _, sigma2, excess, lam, _ = jax.lax.while_loop(
+        lambda s: (s[0] < SELF_CONSISTENCY_STEPS) & ~s[4], body,
+        (jnp.zeros((), jnp.int32), sigma2, excess, lam, jnp.zeros((), bool)))
     return SubGaussian(excess, lam, sigma2)
 
 
