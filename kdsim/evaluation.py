@@ -13,9 +13,11 @@ one :class:`Context`.
 Extension point. A stage is ``(timer_stage, fn)`` with
 ``fn(ctx: Context, so_far: Produced) -> StageOutput``: it reads the columns and
 artefacts of the stages before it (``so_far``) and returns per-dataset columns
-(``(E,)`` arrays), pooled rows (a DataFrame indexed by ``bound`` with the columns of
-:func:`kdsim.bound_tables.bound_columns`) and notes. New bound families add a stage:
-``evaluate(run, extra_stages=((\"bounds\", my_stage),))``, or append to :data:`STAGES`.
+(``(E,)`` arrays), pooled rows (DataFrames indexed by ``bound`` with the columns
+``value``, ``truth``, ``tightness``, ``valid``, as :func:`kdsim.bound_tables.bound_columns`
+returns them), notes, and artefacts for later stages (e.g. the teacher's ball). New bound
+families add a stage: ``evaluate(run, extra_stages=(("bounds", my_stage),))``, or append
+to :data:`STAGES`.
 Stages do the maths with the pure array functions of :mod:`kdsim.estimators` and
 :mod:`kdsim.bounds` for all datasets at once; no stage loops over datasets.
 """
@@ -205,9 +207,7 @@ def evaluate(run, timer: StageTimer | None = None, extra_stages: tuple = ()) -> 
             return finish(cols, pd.concat(pooled or [bt._pooled_table(None, "")]), notes)
 
 
-# the names the earlier, task-specific pipelines had
-linear_columns = evaluate
-mlp_columns = evaluate
+linear_columns = evaluate     # the name of the linear task's former pipeline
 
 
 def describe(run) -> tuple[TaskView, LinearExtras | None]:
@@ -484,9 +484,6 @@ def kl_for_bounds(run, cols) -> tuple[np.ndarray, np.ndarray, str]:
     if name in ("exact", "stationary"):
         return cols[f"kl_{name}"], np.zeros(E), ""
     return cols[f"kl_{name}"], cols[f"kl_{name}_se"], ""
-
-
-_kl_for_bounds = kl_for_bounds
 
 
 def bound_stage(ctx: Context, so_far: Produced) -> StageOutput:
