@@ -10,7 +10,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import kdsim
-from kdsim import langevin, models, populations, streams
+from kdsim import evaluation, langevin, models, populations, streams
 from kdsim.config import LangevinNumeric, SimConfig, resolve
 from kdsim.estimators import sharpness
 from kdsim.stats import bonferroni_z
@@ -326,7 +326,6 @@ def test_scratch_can_be_switched_off():
 def test_classification_convexity_is_student_first_kl_summed_over_points():
     cfg = _cfg("mlp_classification", **{"student.temperature": 2.0})
     run = kdsim.run_populations(cfg)
-    from kdsim import evaluation
     tm, sm = run.models
     X = jnp.asarray(run.data.X)
     fT = np.asarray(jax.vmap(lambda w_e, x: jax.vmap(lambda w: tm.apply(w, x))(w_e))(
