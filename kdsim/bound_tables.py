@@ -45,7 +45,8 @@ def finish(cols: dict, pooled: pd.DataFrame, notes: list[str]) -> Evaluation:
 def as_flags(values: np.ndarray) -> pd.arrays.BooleanArray:
     """1/0/NaN -> True/False/<NA> (a flag that does not apply is missing, not False)."""
     values = np.asarray(values, np.float64)
-    return pd.array([pd.NA if np.isnan(v) else bool(v) for v in values], dtype="boolean")
+    missing = np.isnan(values)
+    return pd.arrays.BooleanArray(np.where(missing, False, values != 0), missing)
 
 
 def _split(P: int, holdout: float) -> int:
@@ -89,68 +90,60 @@ def _pad(a: np.ndarray, size: int, fill, axis: int = 0) -> np.ndarray:
     return np.pad(a, width, constant_values=fill)
 
 
-def _empirical_cgfs(g: np.ndarray, w: np.ndarray, ess_fraction: float, E_pad: int):
-    """Empirical CGFs of every dataset from gaps ``g`` and mask ``w`` ``(E, N)``, padded."""
-    N_pad = _bucket(g.shape[1])
-    g = _pad(_pad(g.astype(np.float64), E_pad, 0.0), N_pad, 0.0, axis=1)
-    w = _pad(_pad(w, E_pad, False), N_pad, False, axis=1)
-    return cgf_mod.empirical_batch(g, w, jnp.float64(ess_fraction))
-
-
-def _bound_program_inputs(inp: BoundInputs):
-    """Host-side preparation: per-dataset arrays padded to a bucket, and the fit / check
-    CGF batches (call under ``jax.enable_x64``). Returns ``(x, fit, check)``."""
+def _bound_program_inputs(inp: BoundInputs) -> bounds.DatasetInputs:
+    """Per-dataset arrays padded to a bucket (call under ``jax.enable_x64``)."""
     E = len(inp.gen_T)
     Ep = _bucket(E)
     f64 = lambda a, fill=np.nan: jnp.asarray(_pad(np.asarray(a, np.float64), Ep, fill))
-    fit_ok, hold_ok = inp.ok[:, :inp.n_fit], inp.ok[:, inp.n_fit:]
+    hold_ok = inp.ok[:, inp.n_fit:]
     has_check = (np.ones(E, bool) if inp.exact_cgfs is not None
                  else hold_ok.sum(axis=1) >= MIN_PAIRS)
     sharp = inp.sharp or {}
     zeros = np.zeros(E)
-    x = bounds.DatasetInputs(
+    return bounds.DatasetInputs(
         kl=f64(inp.kl), kl_se=f64(inp.kl_se, 0.0), gen_T=f64(inp.gen_T), gen_T_se=f64(inp.gen_T_se),
         truth=f64(inp.truth), truth_se=f64(inp.truth_se),
         used=jnp.asarray(_pad(inp.usable & ~np.isnan(inp.kl), Ep, False)),
         has_check=jnp.asarray(_pad(has_check, Ep, False)),
         G=f64(sharp.get("G", zeros)), S=f64(sharp.get("S", zeros)), rho=f64(sharp.get("rho", zeros)),
         outside=f64(sharp.get("outside", zeros)), extra_var=f64(sharp.get("extra_var", zeros), 0.0))
-    exact = None
-    if inp.exact_cgfs is not None:
-        exact = jax.tree_util.tree_map(lambda a: jnp.asarray(_pad(a, Ep, 1.0)), inp.exact_cgfs)
-    if inp.cgf_kind == "exact":
-        fit = exact
-    else:
-        fit = _empirical_cgfs(inp.g_T[:, :inp.n_fit], fit_ok, inp.ess_fraction, Ep)
-    # assumptions are judged on data independent of the fit: the exact Lambda, else the
-    # held-out teacher particles (where there are at least MIN_PAIRS of them)
-    if exact is not None:
-        check = exact
-    elif hold_ok.shape[1] > 0:
-        check = _empirical_cgfs(inp.g_T[:, inp.n_fit:], hold_ok, inp.ess_fraction, Ep)
-    else:
-        check = fit
-    return x, fit, check
 
 
 def bound_arrays(inp: BoundInputs) -> tuple[bounds.DatasetBounds, bounds.PooledBounds | None]:
     """Every bound of every dataset and the pooled bounds, as NumPy arrays (one jitted
-    program each, one device-to-host copy); the pooled bounds are None when no dataset
-    has bounds."""
+    program, one device-to-host copy); the pooled bounds are None when no dataset has
+    bounds.
+
+    Datasets are padded to a power of two and particles too, so runs of similar sizes,
+    every loss and every bound family with the same CGF kind share one program. An
+    empirical CGF is fitted on the first ``n_fit`` surviving particles and checked on
+    the rest (where there are at least :data:`MIN_PAIRS` of them), both from one array
+    of gaps with two masks; an exact CGF (linear task) checks the assumptions whenever
+    it is given.
+    """
     E = len(inp.gen_T)
-    has_b3 = inp.sharp is not None
+    Ep = _bucket(E)
     with jax.enable_x64(True):
-        x, fit, check = _bound_program_inputs(inp)
-        per = bounds.dataset_bounds(x, fit, check, jnp.float64(inp.c_lam),
-                                    sigma_bounded=inp.sigma_bounded, has_b3=has_b3)
-        pooled = None
-        if bool(np.any(inp.usable & ~np.isnan(inp.kl))):
-            pooled = bounds.pooled_bounds(x, fit, jnp.float64(inp.c_lam),
-                                          sigma_bounded=inp.sigma_bounded)
-        per, pooled = jax.device_get((per, pooled))
+        x = _bound_program_inputs(inp)
+        exact = None
+        if inp.exact_cgfs is not None:
+            exact = jax.tree_util.tree_map(lambda a: jnp.asarray(_pad(a, Ep, 1.0)), inp.exact_cgfs)
+        kw = dict(sigma_bounded=inp.sigma_bounded, has_b3=inp.sharp is not None)
+        if inp.cgf_kind == "exact":
+            out = bounds.all_bounds(x, exact, exact, inp.c_lam, **kw)
+        else:
+            N = inp.g_T.shape[1]
+            Np = _bucket(N)
+            first = np.arange(N) < inp.n_fit
+            g = _pad(_pad(np.asarray(inp.g_T, np.float64), Ep, 0.0), Np, 0.0, axis=1)
+            mask = lambda m: jnp.asarray(_pad(_pad(m, Ep, False), Np, False, axis=1))
+            out = bounds.empirical_bounds(x, jnp.asarray(g), mask(inp.ok & first), mask(inp.ok & ~first),
+                                          inp.ess_fraction, inp.c_lam, exact=exact, **kw)
+        per, pooled = jax.device_get(out)
     per = bounds.DatasetBounds(*(np.asarray(a, np.float64)[..., :E] for a in per))
-    if pooled is not None:
-        pooled = bounds.PooledBounds(*(np.asarray(a, np.float64) for a in pooled))
+    pooled = bounds.PooledBounds(*(np.asarray(a, np.float64) for a in pooled))
+    if not np.any(inp.usable & ~np.isnan(inp.kl)):
+        pooled = None
     return per, pooled
 
 

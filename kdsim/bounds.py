@@ -34,7 +34,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .estimators.cgf import PooledCGF, geomspace
+from .estimators.cgf import PooledCGF, empirical_batch, geomspace
 
 DENSE = 256
 BLOCK_ELEMENTS = 1 << 23   # Lambda-grid numbers (lam x particle) held at once: 64 MiB
@@ -184,17 +184,21 @@ def subgaussian_bound(kl, cgf, lam_max) -> SubGaussian:
     sigma2 = subgaussian_sigma2(cgf, lam_max)
     excess, lam = subgaussian_excess(kl, sigma2, lam_max)
 
-    def body(_, s):
-        sigma2, excess, lam, done = s
+    def body(s):
+        i, sigma2, excess, lam, done = s
         live = ~done & jnp.isfinite(lam) & (lam > 0)
         r = cgf.ratio(jnp.where(live, lam, 1.0) * 1.0)
         grow = live & (r > sigma2 * (1 + 1e-12))
         sigma2 = jnp.where(grow, r, sigma2)
         e2, l2 = subgaussian_excess(kl, sigma2, lam_max)
-        return sigma2, jnp.where(grow, e2, excess), jnp.where(grow, l2, lam), ~grow
+        return i + 1, sigma2, jnp.where(grow, e2, excess), jnp.where(grow, l2, lam), ~grow
 
-    sigma2, excess, lam, _ = jax.lax.fori_loop(
-        0, SELF_CONSISTENCY_STEPS, body, (sigma2, excess, lam, jnp.zeros((), bool)))
+    # at most SELF_CONSISTENCY_STEPS steps; a finished problem never changes again, so
+    # stopping when every one (of a vmapped batch) is done gives the same numbers in the
+    # one or two steps it usually takes
+    _, sigma2, excess, lam, _ = jax.lax.while_loop(
+        lambda s: (s[0] < SELF_CONSISTENCY_STEPS) & ~s[4], body,
+        (jnp.zeros((), jnp.int32), sigma2, excess, lam, jnp.zeros((), bool)))
     return SubGaussian(excess, lam, sigma2)
 
 
@@ -323,31 +327,36 @@ class DatasetBounds(NamedTuple):
     rho0: jax.Array
 
 
-def _one_dataset(x: DatasetInputs, fit, check, c_lam, sigma_bounded, has_b3: bool):
-    """All bounds of one dataset (fields of ``x`` are scalars here)."""
+def _one_dataset(x: DatasetInputs, fit, check, c_lam, sigma_bounded, has_b3):
+    """All bounds of one dataset (fields of ``x`` are scalars here).
+
+    ``sigma_bounded`` (NaN: none) and ``has_b3`` are traced, so bounded and unbounded
+    losses, with and without B3, share one compiled program: both branches run (the
+    cost is a few Lambda evaluations) and the flag selects.
+    """
     kl = jnp.maximum(x.kl, 0.0)               # KL >= 0: a negative estimate is noise around 0
     kl_se = jnp.where(jnp.isfinite(x.kl_se), x.kl_se, 0.0)
     perturb = (kl_se > 0) & jnp.isfinite(kl)
     # every excess at KL and at KL + se (the finite-difference Monte Carlo error of a bound)
     kls = jnp.stack([kl, kl + kl_se])
-    if sigma_bounded is not None:
-        lam_max = jnp.asarray(jnp.inf)
-        sigma2 = jnp.asarray(float(sigma_bounded) ** 2)
-        b1, lam_b1 = subgaussian_excess(kl, sigma2, lam_max)
-        b1_holds = jnp.asarray(1.0)          # Hoeffding: a bounded loss is sub-Gaussian
-    else:
-        lam_max = b1_lam_max(fit, c_lam)
-        b1, lam_b1, sigma2 = subgaussian_bound(kl, fit, lam_max)
-        b1_holds = jnp.where(x.has_check, subgaussian_holds(check, sigma2, lam_max), jnp.nan)
+    bounded = ~jnp.isnan(sigma_bounded)      # a loss in [0, B]: sigma = B, no fit (Hoeffding)
+    lam_max_fit = b1_lam_max(fit, c_lam)
+    b1_fit, lam_b1_fit, sigma2_fit = subgaussian_bound(kl, fit, lam_max_fit)
+    lam_max = jnp.where(bounded, jnp.inf, lam_max_fit)
+    sigma2 = jnp.where(bounded, sigma_bounded**2, sigma2_fit)
+    b1_hoeffding, lam_b1_hoeffding = subgaussian_excess(kl, sigma2, lam_max)
+    b1 = jnp.where(bounded, b1_hoeffding, b1_fit)
+    lam_b1 = jnp.where(bounded, lam_b1_hoeffding, lam_b1_fit)
+    b1_holds = jnp.where(bounded, 1.0, jnp.where(
+        x.has_check, subgaussian_holds(check, sigma2_fit, lam_max_fit), jnp.nan))
     b1_2 = subgaussian_excess(kls[1], sigma2, lam_max)[0]
-    if has_b3:
-        sig3 = jnp.sqrt(sharpness_sigma(x.G, x.S, x.rho) ** 2 + x.extra_var)
-        b3, lam_b3 = subgaussian_excess(kl, sig3**2, jnp.inf)
-        b3_2 = subgaussian_excess(kls[1], sig3**2, jnp.inf)[0]
-        rho0 = tightness_radius(x.G, x.S, jnp.sqrt(sigma2))
-        b3_holds = jnp.where(x.outside == 0, 1.0, 0.0)
-    else:
-        b3 = b3_2 = lam_b3 = rho0 = b3_holds = jnp.asarray(jnp.nan)
+    sig3 = jnp.sqrt(sharpness_sigma(x.G, x.S, x.rho) ** 2 + x.extra_var)
+    b3, lam_b3 = subgaussian_excess(kl, sig3**2, jnp.inf)
+    b3_2 = subgaussian_excess(kls[1], sig3**2, jnp.inf)[0]
+    rho0 = tightness_radius(x.G, x.S, jnp.sqrt(sigma2))
+    b3_holds = jnp.where(x.outside == 0, 1.0, 0.0)
+    b3, b3_2, lam_b3, rho0, b3_holds = (jnp.where(has_b3, v, jnp.nan)
+                                        for v in (b3, b3_2, lam_b3, rho0, b3_holds))
     central = jax.vmap(central_excess, in_axes=(0, None))(kls, fit)
     # B0 upper and lower at KL and KL + se: one vmapped search over the four problems
     # (candidates: the lam of B1 and B3 upward, B2's eta grid downward)
@@ -382,7 +391,26 @@ def _one_dataset(x: DatasetInputs, fit, check, c_lam, sigma_bounded, has_b3: boo
     return out._replace(**scalars)
 
 
-@partial(jax.jit, static_argnames=("sigma_bounded", "has_b3"))
+def _dataset_bounds(x: DatasetInputs, fit, check, c_lam, sigma_bounded, has_b3) -> DatasetBounds:
+    one = lambda a: _one_dataset(*a, c_lam, sigma_bounded, has_b3)
+    # datasets in batches whose Lambda grids stay within BLOCK_ELEMENTS numbers (a power
+    # of two, as the bucketed dataset count: no remainder batch, one copy of the body)
+    size = max(_cgf_size(fit), _cgf_size(check))
+    batch = max(1, min(x.kl.shape[0], BLOCK_ELEMENTS // (2 * DENSE * size)))
+    out = jax.lax.map(one, (x, fit, check), batch_size=batch)
+    return out._replace(value=out.value.T, valid=out.valid.T, assumption=out.assumption.T)
+
+
+def _cgf_size(cgf) -> int:
+    """Numbers one Lambda evaluation touches: particles (empirical) or eigenvalues (exact)."""
+    return int((cgf.c if cgf.kind == "empirical" else cgf.kappa).shape[-1])
+
+
+def _sigma(sigma_bounded: float | None):
+    """A loss bound B as a traced float64 (NaN: none), so it never recompiles."""
+    return jnp.float64(jnp.nan if sigma_bounded is None else sigma_bounded)
+
+
 def dataset_bounds(x: DatasetInputs, fit, check, c_lam, *, sigma_bounded: float | None = None,
                    has_b3: bool = True) -> DatasetBounds:
     """B0--B3, their validity and assumption flags, for every dataset at once.
@@ -398,17 +426,7 @@ def dataset_bounds(x: DatasetInputs, fit, check, c_lam, *, sigma_bounded: float 
     Returns:
       :class:`DatasetBounds`, ``value``/``valid``/``assumption`` ``(5, E)``, the rest ``(E,)``.
     """
-    one = lambda a: _one_dataset(*a, c_lam, sigma_bounded, has_b3)
-    # datasets in batches whose Lambda grids stay within BLOCK_ELEMENTS numbers
-    size = max(_cgf_size(fit), _cgf_size(check))
-    batch = max(1, min(x.kl.shape[0], BLOCK_ELEMENTS // (2 * DENSE * size)))
-    out = jax.lax.map(one, (x, fit, check), batch_size=batch)
-    return out._replace(value=out.value.T, valid=out.valid.T, assumption=out.assumption.T)
-
-
-def _cgf_size(cgf) -> int:
-    """Numbers one Lambda evaluation touches: particles (empirical) or eigenvalues (exact)."""
-    return int((cgf.c if cgf.kind == "empirical" else cgf.kappa).shape[-1])
+    return all_bounds(x, fit, check, c_lam, sigma_bounded=sigma_bounded, has_b3=has_b3)[0]
 
 
 class PooledBounds(NamedTuple):
@@ -423,8 +441,7 @@ class PooledBounds(NamedTuple):
 POOLED_NAMES = ("B0_upper", "B0_lower", "B1_upper", "B2_lower")
 
 
-@partial(jax.jit, static_argnames=("sigma_bounded",))
-def pooled_bounds(x: DatasetInputs, fit, c_lam, *, sigma_bounded: float | None = None) -> PooledBounds:
+def _pooled_bounds(x: DatasetInputs, fit, c_lam, sigma_bounded) -> PooledBounds:
     """Bounds with ``K_n = E_D KL_D`` and ``E_D Lambda_D`` (one lam for all datasets).
 
     SPEC §4: ``sigmabar^2 = sup 2 E_D Lambda_D / lam^2`` with lam_max common to all
@@ -437,10 +454,10 @@ def pooled_bounds(x: DatasetInputs, fit, c_lam, *, sigma_bounded: float | None =
     K_n = mean(jnp.maximum(x.kl, 0.0))
     gT, truth = mean(x.gen_T), mean(x.truth)
     se = jnp.sqrt(jnp.sum(jnp.where(x.used, x.gen_T_se**2 + x.truth_se**2, 0.0))) / n
-    if sigma_bounded is not None:
-        b1, lam_b1 = subgaussian_excess(K_n, float(sigma_bounded) ** 2, jnp.inf)
-    else:
-        b1, lam_b1, _ = subgaussian_bound(K_n, cg, b1_lam_max(cg, c_lam))
+    bounded = ~jnp.isnan(sigma_bounded)
+    b1_h, lam_h = subgaussian_excess(K_n, sigma_bounded**2, jnp.inf)
+    b1_f, lam_f, _ = subgaussian_bound(K_n, cg, b1_lam_max(cg, c_lam))
+    b1, lam_b1 = jnp.where(bounded, b1_h, b1_f), jnp.where(bounded, lam_h, lam_f)
     etas, eta_mask = cg.grid(-1)
     b0, _ = jax.vmap(lambda s_, c_, m_: dv_excess(K_n, cg, s_, c_, m_))(
         jnp.asarray([1.0, -1.0]), jnp.stack([jnp.concatenate([lam_b1[None], etas]),
@@ -454,3 +471,59 @@ def pooled_bounds(x: DatasetInputs, fit, c_lam, *, sigma_bounded: float | None =
     sign = jnp.asarray([1.0 if u else -1.0 for u in upper])
     valid = jnp.stack([holds(value[i], truth, se, u) for i, u in enumerate(upper)])
     return PooledBounds(value, truth, sign * (value - truth), valid.astype(jnp.float64))
+
+
+def pooled_bounds(x: DatasetInputs, fit, c_lam, *, sigma_bounded: float | None = None) -> PooledBounds:
+    """Bounds with ``K_n = E_D KL_D`` and ``E_D Lambda_D`` (one lam for all datasets).
+
+    SPEC §4: ``sigmabar^2 = sup 2 E_D Lambda_D / lam^2`` with lam_max common to all
+    datasets (the mean of per-dataset sigma_D^2 would be valid and looser). Averages
+    run over the datasets in ``x.used`` (at least one).
+    """
+    return all_bounds(x, fit, fit, c_lam, sigma_bounded=sigma_bounded)[1]
+
+
+# The bound programs run once per evaluation and take milliseconds, but XLA's CPU
+# backend spent 2-4 s optimising each of them: cheaper code generation halves their
+# compile time (measured in benchmarks/results/evaluation_cost_cpu.md) for a few
+# milliseconds more run time.
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+@partial(jax.jit, compiler_options=FAST_COMPILE)
+def _all_bounds(x, fit, check, c_lam, sigma_bounded, has_b3):
+    return (_dataset_bounds(x, fit, check, c_lam, sigma_bounded, has_b3),
+            _pooled_bounds(x, fit, c_lam, sigma_bounded))
+
+
+def all_bounds(x: DatasetInputs, fit, check, c_lam, *, sigma_bounded: float | None = None,
+               has_b3: bool = True) -> tuple[DatasetBounds, PooledBounds]:
+    """:func:`dataset_bounds` and :func:`pooled_bounds` in ONE compiled program.
+
+    One program per CGF kind and bucket of shapes: the loss bound ``sigma_bounded`` and
+    ``has_b3`` are traced, so every loss and bound family of a run (and of every run of
+    the same shapes) reuses it. The pooled bounds are NaN when no dataset is used.
+    """
+    return _all_bounds(x, fit, check, jnp.float64(c_lam), _sigma(sigma_bounded), jnp.bool_(has_b3))
+
+
+@partial(jax.jit, compiler_options=FAST_COMPILE)
+def _empirical_family(x, g, fit_mask, check_mask, ess_fraction, c_lam, sigma_bounded, has_b3, exact):
+    fit = empirical_batch(g, fit_mask, ess_fraction)
+    check = exact if exact is not None else empirical_batch(g, check_mask, ess_fraction)
+    return _all_bounds.__wrapped__(x, fit, check, c_lam, sigma_bounded, has_b3)
+
+
+def empirical_bounds(x: DatasetInputs, g, fit_mask, check_mask, ess_fraction, c_lam, *,
+                     sigma_bounded: float | None = None, has_b3: bool = True,
+                     exact=None) -> tuple[DatasetBounds, PooledBounds]:
+    """:func:`all_bounds` with empirical CGFs built in the same program.
+
+    Args:
+      g: ``(E, N)`` teacher-particle gaps; fit_mask, check_mask: ``(E, N)`` the particles
+        that fit the CGF the bounds use and the independent ones that check its
+        assumptions (one array shape for both: one program).
+      exact: an exact CGF batch to check the assumptions on instead (linear task), or None.
+    """
+    return _empirical_family(x, g, fit_mask, check_mask, jnp.float64(ess_fraction),
+                             jnp.float64(c_lam), _sigma(sigma_bounded), jnp.bool_(has_b3), exact)

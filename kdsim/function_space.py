@@ -36,7 +36,7 @@ from . import closed_form, streams
 from . import bound_tables as ev
 from .config import Resolved
 from .estimators import sharpness
-from .stats import mean_se
+from .stats import masked_mean_se
 
 F_NAMES = tuple("F_" + b for b in ev.BOUND_NAMES)
 CHANNEL_BLOCK = 1 << 14     # particles whose channel draws are made in one call
@@ -105,7 +105,7 @@ def channel_samples(seed: int, preds: Predictions, Y, Y_ghost, classification: b
     keys = streams.particle_keys(root, "channel", jnp.arange(E, dtype=jnp.uint32),
                                  jnp.arange(P, dtype=jnp.uint32))
     # datasets in vmapped blocks of at most CHANNEL_BLOCK particles (bounded memory),
-    # one device-to-host copy per block
+    # dispatched asynchronously; one device-to-host copy after the loop
     block = max(1, CHANNEL_BLOCK // P)
     out = []
     for lo in range(0, E, block):
@@ -118,8 +118,8 @@ def channel_samples(seed: int, preds: Predictions, Y, Y_ghost, classification: b
             r_t = jnp.asarray(Y[sl, None] - preds.train[sl], jnp.float32)
             r_g = jnp.asarray(Y_ghost[sl, None] - preds.ghost[sl], jnp.float32)
             g = _gaussian_channel_gaps_all(keys[sl], r_t, r_g, jnp.float32(nu_p), draws=draws)
-        out.append(np.asarray(g, np.float64))
-    return np.concatenate(out)
+        out.append(g)
+    return np.concatenate([np.asarray(g, np.float64) for g in jax.device_get(out)])
 
 
 @partial(jax.jit, static_argnames=("draws",))
@@ -220,13 +220,9 @@ def columns(run, ok: np.ndarray, usable: np.ndarray, pred_T: Predictions, pred_S
     gbar_T = noise_averaged_gap(pred_T, Y, ghost.Y, classification, tau)
     gbar_S = noise_averaged_gap(pred_S, Y, ghost.Y, classification, tau)
     conv = convexity(pred_S, pred_T, classification, nu_p, tau)
-    for name in ("gen_T_F", "gen_T_F_se", "gen_S_F", "gen_S_F_se", "klF_convexity", "klF_convexity_se"):
-        cols[name] = np.full(E, np.nan)
-    for e in np.flatnonzero(usable):
-        keep = ok[e]
-        cols["gen_T_F"][e], cols["gen_T_F_se"][e] = mean_se(gbar_T[e, keep])
-        cols["gen_S_F"][e], cols["gen_S_F_se"][e] = mean_se(gbar_S[e, keep])
-        cols["klF_convexity"][e], cols["klF_convexity_se"][e] = mean_se(conv[e, keep])
+    cols["gen_T_F"], cols["gen_T_F_se"] = masked_mean_se(gbar_T, ok, usable)
+    cols["gen_S_F"], cols["gen_S_F_se"] = masked_mean_se(gbar_S, ok, usable)
+    cols["klF_convexity"], cols["klF_convexity_se"] = masked_mean_se(conv, ok, usable)
     if truth_exact is not None:
         cols["gen_T_F_exact"], cols["gen_S_F_exact"] = truth_exact
     if klF_exact is not None:

@@ -217,9 +217,10 @@ def gibbs_inputs(run) -> gb.GibbsIdentity | None:
     return gb.gibbs_identity(laws.M_T, A_T, nm.teacher.gamma, gen_T)
 
 
-def extend(run, per_dataset: pd.DataFrame, pooled: pd.DataFrame, notes: list[str]):
-    """Append the trajectory columns, the generic pooled rows and their notes to an
-    evaluation's tables, and label every pooled row with ``family`` and ``loss``."""
+def generic_columns(run, columns) -> tuple[dict[str, np.ndarray], pd.DataFrame, list[str]]:
+    """The trajectory columns, the generic pooled rows and their notes of one run, given
+    the per-dataset ``columns`` (a mapping of ``(E,)`` arrays: the 0-1 truths of
+    classification, ``gen_S_01`` and its ``_se``, are read from it)."""
     st = run.resolved.static
     pops = run.populations
     ok = ~pops.diverged_T & ~pops.diverged_S
@@ -229,9 +230,9 @@ def extend(run, per_dataset: pd.DataFrame, pooled: pd.DataFrame, notes: list[str
     B, reason = float("nan"), ""
     if st.classification:
         loss, B = "01", 1.0
-        if "gen_S_01" in per_dataset:
-            truth = per_dataset["gen_S_01"].to_numpy(np.float64)
-            truth_se = per_dataset["gen_S_01_se"].to_numpy(np.float64)
+        if "gen_S_01" in columns:
+            truth = np.asarray(columns["gen_S_01"], np.float64)
+            truth_se = np.asarray(columns["gen_S_01_se"], np.float64)
         else:   # an evaluation without the 0-1 columns: the bounds, but no truth
             truth, truth_se = np.full(E, np.nan), np.full(E, np.nan)
     else:
@@ -250,7 +251,14 @@ def extend(run, per_dataset: pd.DataFrame, pooled: pd.DataFrame, notes: list[str
                         truth=truth, truth_se=truth_se, loss=loss, loss_bound=B, loss_reason=reason,
                         student_alone=run.resolved.numeric.alpha == 1.0, gibbs=gibbs_inputs(run))
     rows, gnotes = generic_rows(inp)
+    return cols, rows, list(tnotes) + list(gnotes)
+
+
+def extend(run, per_dataset: pd.DataFrame, pooled: pd.DataFrame, notes: list[str]):
+    """Append the trajectory columns, the generic pooled rows and their notes to an
+    evaluation's tables, and label every pooled row with ``family`` and ``loss``."""
+    cols, rows, gnotes = generic_columns(run, per_dataset)
     per_dataset = pd.concat([per_dataset, pd.DataFrame(cols, index=per_dataset.index)], axis=1)
-    pooled = pd.concat([label_rows(pooled, st.classification), rows])
+    pooled = pd.concat([label_rows(pooled, run.resolved.static.classification), rows])
     pooled.index.name = "bound"
-    return per_dataset, pooled, list(notes) + tnotes + gnotes
+    return per_dataset, pooled, list(notes) + gnotes

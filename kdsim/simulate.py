@@ -13,12 +13,9 @@ import jax
 import numpy as np
 import pandas as pd
 
-from . import closed_form, generic_tables, memory, populations, sharding, streams
+from . import closed_form, memory, populations, sharding, streams
 from .config import ConfigError, Resolved, SimConfig, resolve
-from .evaluation import linear_columns
-from .evaluation_cmi import cmi_evaluation
-from .evaluation_proj import proj_evaluation
-from .evaluation_mlp import mlp_columns
+from .evaluation import evaluate
 from .models import Prepared, builtin, prepare, same_structure
 from .progress import Progress
 from .progress import enabled as progress_enabled
@@ -313,33 +310,16 @@ def simulate(config: SimConfig | Mapping[str, Any], teacher_model: Any = None,
     run = _populations(cfg, res, models, progress, pool)
     check_divergence(run)
     timer = StageTimer()
+    per_dataset, pooled, notes = evaluate(run, timer)
     if run.resolved.static.task == "linear_gaussian":
-        per_dataset, pooled, notes = linear_columns(run, timer)
         datasets = {"X": run.data.X, "Y": run.data.Y, "W_star": run.data.W_star}
     elif run.resolved.static.task == "pool":
-        per_dataset, pooled, notes = mlp_columns(run, timer)
         datasets = {"X": run.data.X.astype(np.float64), "Y": run.data.Y,
                     "index": run.data.index.astype(np.int64)}
         notes = [pool_note(run)] + notes
     else:
-        per_dataset, pooled, notes = mlp_columns(run, timer)
         datasets = {"X": run.data.X.astype(np.float64), "Y": run.data.Y,
                     "planted_A": run.data.A, "planted_B": run.data.B}
-    with timer("bounds"):
-        proj = proj_evaluation(run)         # rank-r linear students: the *_proj bound
-    if proj is not None:
-        for name, col in proj[0].items():
-            per_dataset[name] = pd.array(col.astype(bool), dtype="boolean") \
-                if name.endswith("_valid") else col
-        pooled, notes = pd.concat([pooled, proj[1]]), notes + proj[2]
-    if run.resolved.static.supersample:     # the CMI rows (SPEC §10): one local hook
-        with timer("estimators"):
-            ss_cols, ss_pooled, ss_notes = cmi_evaluation(run)
-        for pos, (name, col) in enumerate(ss_cols.items()):
-            per_dataset.insert(1 + pos, name, col)
-        pooled, notes = pd.concat([pooled, ss_pooled]), notes + ss_notes
-    with timer("bounds"):   # the generic bounds (SPEC §10) and family / loss of every row
-        per_dataset, pooled, notes = generic_tables.extend(run, per_dataset, pooled, notes)
     with timer("tables"):
         summary = summarize(per_dataset, seed=run.config.seed)
         model_notes = [] if models is None else [m.describe_scales() for m in models]

@@ -118,3 +118,67 @@ def _map(f, *trees):
         values = [f(*xs) for xs in zip(*trees)]
         return type(trees[0])(*values) if hasattr(trees[0], "_fields") else tuple(values)
     return f(*trees)
+
+
+def masked_mean_se(x: np.ndarray, mask: np.ndarray, usable: np.ndarray | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`mean_se` over the entries of each row of ``x`` ``(E, P)`` kept by ``mask``.
+
+    Rows outside ``usable`` ``(E,)`` (default: rows with at least one entry), and the
+    se of rows with fewer than two entries, are NaN. All rows at once, no loop.
+    """
+    x = np.asarray(x, np.float64)
+    mask = np.asarray(mask, bool)
+    count = mask.sum(axis=-1)
+    if usable is None:
+        usable = count > 0
+    safe = np.maximum(count, 1)
+    xm = np.where(mask, x, 0.0)
+    mean = xm.sum(axis=-1) / safe
+    dev = np.where(mask, x - mean[..., None], 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        se = np.sqrt((dev * dev).sum(axis=-1) / (count - 1)) / np.sqrt(safe)
+    se = np.where(count > 1, se, np.nan)
+    return np.where(usable, mean, np.nan), np.where(usable, se, np.nan)
+
+
+def jackknife_group_masks(keep: np.ndarray, num_groups: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`jackknife_masks` of the kept entries of every row, all rows at once.
+
+    Row e keeps the entries ``keep[e]`` ``(E, P)``; its ``G_e = min(num_groups, n_e)``
+    groups are contiguous blocks of the kept entries, sized as ``np.array_split`` sizes
+    them (so a row with every entry kept gets exactly :func:`jackknife_masks`).
+    Returns ``(masks, G)``: ``(E, G_max + 1, P)`` (row 0 keeps every kept entry, row g+1
+    drops group g; rows beyond ``G_e`` repeat row 0) and ``G`` ``(E,)``.
+    """
+    keep = np.asarray(keep, bool)
+    E, P = keep.shape
+    n = keep.sum(axis=1)
+    G = np.minimum(num_groups, n)
+    G_max = int(min(num_groups, P))
+    rank = np.cumsum(keep, axis=1) - 1                                # rank among the kept
+    Gs = np.maximum(G, 1)[:, None]
+    q, r = (n[:, None] // Gs), (n[:, None] % Gs)                       # r groups of q + 1
+    big = r * (q + 1)
+    group = np.where(rank < big, rank // np.maximum(q + 1, 1),
+                     r + (rank - big) // np.maximum(q, 1))
+    group = np.where(keep, group, -1)                                  # (E, P)
+    drop = group[:, None, :] == np.arange(G_max)[None, :, None]        # (E, G_max, P)
+    masks = np.concatenate([keep[:, None], keep[:, None] & ~drop], axis=1)
+    return masks, G
+
+
+def jackknife_combine_rows(theta: np.ndarray, G: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`jackknife_combine` per row with ``G[e]`` groups: ``theta`` ``(E, G_max + 1, ...)``
+    from the masks of :func:`jackknife_group_masks` (rows beyond ``G_e`` are ignored)."""
+    theta = np.asarray(theta, np.float64)
+    E, Gp = theta.shape[:2]
+    shape = (E, Gp - 1) + (1,) * (theta.ndim - 2)
+    valid = (np.arange(Gp - 1)[None] < G[:, None]).reshape(shape)
+    Gf = np.asarray(G, np.float64).reshape((E,) + (1,) * (theta.ndim - 2))
+    full, loo = theta[:, 0], theta[:, 1:]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_loo = np.where(valid, loo, 0.0).sum(axis=1) / Gf
+        estimate = Gf * full - (Gf - 1) * mean_loo
+        se = np.sqrt((Gf - 1) / Gf * np.where(valid, (loo - mean_loo[:, None]) ** 2, 0.0).sum(axis=1))
+    return estimate, se

@@ -281,18 +281,14 @@ def test_simulate_hook(monkeypatch):
     """simulate() of a supersample run adds the columns and rows (the KD evaluation, the
     costly part and tested elsewhere, is replaced by its dataset column here); without
     loss_clip a regression run's CMI rows are NaN with the reason."""
-    import importlib
+    from kdsim import evaluation
 
-    import pandas as pd
+    def kd_stage(ctx, so_far):
+        return evaluation.StageOutput({"gen_S": np.zeros(ctx.run.resolved.static.num_datasets)})
 
-    sim = importlib.import_module("kdsim.simulate")     # the module (kdsim.simulate is the function)
-
-    def kd_stage(run, timer=None):
-        E = run.resolved.static.num_datasets
-        return pd.DataFrame({"dataset": np.arange(E), "gen_S": np.zeros(E)}), pd.DataFrame(
-            columns=["value", "truth", "tightness", "valid"]), []
-
-    monkeypatch.setattr(sim, "linear_columns", kd_stage)
+    # the KD stages replaced by one gen_S column; the CMI stage kept
+    kept = tuple(s for s in evaluation.STAGES if s[1] in (evaluation.cmi_stage,))
+    monkeypatch.setattr(evaluation, "STAGES", (("estimators", kd_stage),) + kept)
     res = kdsim.simulate(LINEAR, progress=False)
     assert res.per_dataset.columns[:3].tolist() == ["dataset", "supersample", "mask"]
     np.testing.assert_array_equal(res.per_dataset["supersample"], np.repeat(np.arange(6), 16))

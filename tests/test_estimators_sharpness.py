@@ -98,10 +98,17 @@ def test_laplace_inverts_the_covariance_and_divides_by_gamma():
     assert np.linalg.norm(np.linalg.inv(cov) - truth) > 0.5 * np.linalg.norm(truth)
 
 
+def _sharpness_columns(run):
+    """The sharpness stage of the evaluation pipeline on a run whose chains all survived."""
+    ctx, _, _ = evaluation.context(run)
+    assert ctx.ok.all()
+    return evaluation.sharpness_stage(ctx, evaluation.Produced({}, {})).columns
+
+
 def test_laplace_needs_more_particles_than_dimensions():
     run = run_populations({"task": {"d": 4, "k": 2, "n": 32}, "teacher": {"num_steps": 30},
                            "num_datasets": 1, "num_particles": 8})
-    cols = evaluation._sharpness_columns(run, np.ones((1, 8), bool))
+    cols = _sharpness_columns(run)
     assert np.isnan(cols["sharpness_laplace_top"][0])
 
 
@@ -111,7 +118,7 @@ def test_linear_teacher_sharpness_matches_exact_hessian():
     run = run_populations({"task": {"d": 4, "k": 2, "n": 32}, "teacher": {"num_steps": 600},
                            "student": {"langevin": {"num_steps": 1}},
                            "num_datasets": 3, "num_particles": 2000})
-    df, cfg = evaluation._sharpness_columns(run, np.ones((3, 2000), bool)), run.config
+    df, cfg = _sharpness_columns(run), run.config
     X = run.data.X
     Cxx = np.einsum("eni,enj->eij", X, X) / X.shape[1]
     sx = cfg.task.input_scale * np.arange(1, 5.0) ** (-cfg.task.input_decay)   # SPEC §3

@@ -183,13 +183,13 @@ def test_closed_forms_give_nan_with_a_reason_for_non_finite_or_singular_laws(mon
         return laws._replace(Sigma_T=S)
 
     monkeypatch.setattr(closed_form, "finite_time", broken)
-    per_dataset, _, notes = evaluation.linear_columns(run)
+    per_dataset, _, notes = evaluation.evaluate(run)
     assert np.isnan(per_dataset["kl_exact"][:2]).all() and np.isfinite(per_dataset["kl_exact"][2])
     assert any(n.startswith("kl_exact: NaN in datasets [0, 1]") for n in notes)
     assert np.isnan(per_dataset["klpred_exact"][0]) and np.isfinite(per_dataset["klpred_exact"][2])
     # the last dataset is untouched: the same value as an unbroken evaluation
     monkeypatch.setattr(closed_form, "finite_time", original)
-    clean, _, _ = evaluation.linear_columns(run)
+    clean, _, _ = evaluation.evaluate(run)
     assert per_dataset["kl_exact"][2] == clean["kl_exact"][2]
 
 
@@ -250,7 +250,7 @@ def test_divergence_error_keeps_the_computed_run():
 def test_diverged_pairs_are_dropped_loudly_and_too_many_fail():
     run = kdsim.run_populations(TINY)
     hit = _with_diverged(run, 0, [1, 4, 5])
-    per_dataset, _, notes = evaluation.linear_columns(hit)
+    per_dataset, _, notes = evaluation.evaluate(hit)
     assert per_dataset["diverged_T"].tolist() == [3, 0]
     assert any(n.startswith("DIVERGED: 3 teacher and 0 student particles") for n in notes)
     keep = np.setdiff1d(np.arange(16), [1, 4, 5])
@@ -269,7 +269,7 @@ def test_diverged_pairs_are_dropped_loudly_and_too_many_fail():
 
 def test_a_dataset_left_with_too_few_pairs_is_nan_with_a_reason():
     run = _with_diverged(kdsim.run_populations(TINY), 1, list(range(14)))
-    per_dataset, _, notes = evaluation.linear_columns(run)
+    per_dataset, _, notes = evaluation.evaluate(run)
     assert np.isnan(per_dataset["gen_T"][1]) and np.isfinite(per_dataset["gen_T"][0])
     assert any("fewer than 4 pairs survived" in n and "[1]" in n for n in notes)
     assert any("NaN in some datasets" in n and "gen_T (1 of 2)" in n

@@ -12,7 +12,7 @@ import pytest
 import kdsim
 from kdsim import streams
 from kdsim.config import ConfigError
-from kdsim.evaluation_mlp import particle_metrics
+from kdsim.evaluation import particle_metrics
 from kdsim.tasks import pool as pool_task
 from kdsim.tasks import sources
 
