@@ -20,8 +20,8 @@ scale c), the teacher channel noise nu_T and the temperature tau, and writes
   table; ``kd_vs_generic.png``, over the compression regimes): every point's pooled KD
   upper bounds (parameter and function space, B0_proj for rank-r students) beside the
   generic ones -- the trajectory rows of the same run and the CMI rows of a supersample
-  run of the same regime (``--cmi``: the compression regimes with ``--quick``, every
-  regime otherwise; regression losses clipped at ``LOSS_CLIP``) -- each with its truth
+  run of the same regime (``--cmi``: with ``--quick`` every synthetic regime and the
+  real compression ones, otherwise every regime; regression losses clipped at ``LOSS_CLIP``) -- each with its truth
   on its own loss, the ratio bound / truth, and the tightest valid bound named.
 
 Every sweep point is stored (``--store``, default ``runs/bound_tightness``) the moment it
@@ -379,7 +379,9 @@ def side_by_side(long: pd.DataFrame) -> pd.DataFrame:
     for (regime, value), g in long.groupby(["regime", "value_swept"], sort=False):
         row = {"regime": regime, "value": value}
         kd = g[g["family"] == "kd"]
-        row["KD truth"] = f"{kd['truth'].iloc[0]:.3g} ({kd['loss'].iloc[0]})" if len(kd) else "-"
+        fs = kd["bound"].str.startswith("F_")
+        row["KD truth"] = "; ".join(f"{lab}{t['truth'].iloc[0]:.3g} ({t['loss'].iloc[0]})"
+                                    for lab, t in (("", kd[~fs]), ("F: ", kd[fs])) if len(t)) or "-"
         for run, label in (("regime", "traj truth"), ("supersample", "CMI truth")):
             gen = g[(g["family"] == "generic") & (g["run"] == run)]
             row[label] = f"{gen['truth'].iloc[0]:.3g} ({gen['loss'].iloc[0]})" if len(gen) else "-"
@@ -467,12 +469,15 @@ def kd_vs_generic_section(args, long: pd.DataFrame, figs: list[str]) -> list[str
              f"{only} --cmi {args.cmi}` (the long table of every row: `kd_vs_generic.csv`).", "",
              "Every upper bound of `res.pooled` with its truth **on the bound's own loss** "
              "(`loss`): the KD rows (B0/B1/B3 in parameter space, F_ in function space, "
-             "B0_proj with the teacher projected on a rank-r student's subspace) bound the gap "
+             "B0_proj with the teacher projected on a rank-r student's subspace; an F_ row's "
+             "truth is the noisy predictor's gap, `F:` in `KD truth`) bound the gap "
              "on the squared loss (regression) or the cross-entropy / categorical-channel loss "
              "(classification); the generic trajectory rows (kd_split, incoherence, "
              "Bayes-stability; same run) and the CMI rows (a supersample run of the same regime: "
              f"{'4' if args.quick else '8'} supersamples x 16 masks x {'16' if args.quick else '32'} "
-             "particles, its own truth) bound the gap on the squared loss clipped to "
+             f"particles, pool tasks {'2' if args.quick else '4'} x 16 x {'8' if args.quick else '16'}"
+             f"{', MNIST-1D at its first width only' if args.quick else ''}; its own truth: other "
+             "datasets, fewer particles) bound the gap on the squared loss clipped to "
              f"[0, {LOSS_CLIP:g}] (`clipped`, regression) or the 0-1 loss (`01`, classification). "
              "A clipped or 0-1 gap is a different (smaller) number than the squared-loss gap, "
              "so bounds on different losses are compared by their ratio bound / truth, each "
@@ -526,11 +531,12 @@ def main() -> None:
     ap.add_argument("--store", default=os.path.join(os.path.dirname(HERE), "runs", "bound_tightness"))
     ap.add_argument("--results", default=os.path.join(HERE, "results"))
     ap.add_argument("--only", nargs="*", help="regimes to run (default: all)")
-    ap.add_argument("--cmi", choices=("compression", "all", "none"), default=None,
-                    help="regimes that also get a supersample run for the CMI rows (default: "
-                         "the compression regimes with --quick, all of them otherwise)")
+    ap.add_argument("--cmi", choices=("quick", "compression", "all", "none"), default=None,
+                    help="regimes that also get a supersample run for the CMI rows: quick = "
+                         "every synthetic regime and the real compression ones (default with "
+                         "--quick), compression, all (default otherwise), none")
     args = ap.parse_args()
-    args.cmi = args.cmi or ("compression" if args.quick else "all")
+    args.cmi = args.cmi or ("quick" if args.quick else "all")
     os.makedirs(args.results, exist_ok=True)
     t0 = time.time()
     tables, summaries, longs = {}, [], []
@@ -545,7 +551,8 @@ def main() -> None:
         print(f"{name}: {len(grid[field])} points in {time.time() - t:.0f} s", flush=True)
         pooled = pooled_points(os.path.join(store, name))
         cmi = {}
-        if args.cmi == "all" or (args.cmi == "compression" and name in COMPRESSION):
+        if args.cmi == "all" or (args.cmi in ("compression", "quick") and name in COMPRESSION) \
+                or (args.cmi == "quick" and name not in REAL):
             t = time.time()
             # the CNN supersample run is the slowest part of --quick: its first point only
             ss_grid = {field: grid[field][:1]} if args.quick and name == "mnist1d_cnn" else grid
