@@ -406,7 +406,7 @@ def fig_kd_vs_generic(long: pd.DataFrame, path: str) -> list[str]:
     if not names:
         return []
     plt = _pyplot()
-    fig, axes = plt.subplots(1, len(names), figsize=(4.3 * len(names), 4.4), constrained_layout=True,
+    fig, axes = plt.subplots(1, len(names), figsize=(4.3 * len(names), 5.0), layout="constrained",
                              squeeze=False)
     series = [("KD: best of B0/B1/B3 (param or F)", "C0", "v",
                lambda g: g[g["bound"].isin(KD_ROWS[:6])]),
@@ -443,7 +443,13 @@ def fig_kd_vs_generic(long: pd.DataFrame, path: str) -> list[str]:
         ax.set_xlabel(field.get(name, name))
         ax.set_title(name.replace("_", " "))
     axes[0][0].set_ylabel("bound / truth, own loss (1: exact; dashed: 3x)")
-    axes[0][0].legend(fontsize=7)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    for ax in axes[0][1:]:        # a series missing from the first panel (no B0_proj there)
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8)
     fig.suptitle("KD bounds vs generic bounds in the compression regimes "
                  "(hollow: invalid or assumption not met)")
     fig.savefig(path, dpi=110)
@@ -499,8 +505,8 @@ def kd_vs_generic_section(args, long: pd.DataFrame, figs: list[str]) -> list[str
         kd = tightest_valid(g[g["family"] == "kd"].set_index("bound"))
         gen = tightest_valid(g[g["family"] == "generic"].set_index("bound"))
         if np.isfinite(gen[2]) and (not np.isfinite(kd[2]) or gen[2] < kd[2]):
-            loses.append(f"{regime} = {value:g}: {gen[0]} [{gen[1]}] {gen[2]:.3g}x vs "
-                         + (f"{kd[0]} [{kd[1]}] {kd[2]:.3g}x" if np.isfinite(kd[2]) else "no valid KD bound"))
+            loses.append(f"{regime} = {value:g}: {gen[0]} [{gen[1]}] {gen[2]:.4g}x vs "
+                         + (f"{kd[0]} [{kd[1]}] {kd[2]:.4g}x" if np.isfinite(kd[2]) else "no valid KD bound"))
         v = [r["bound"] for _, r in g.iterrows() if vacuous(r)]
         if v:
             vac.append(f"{regime} = {value:g}: {', '.join(v)}")
