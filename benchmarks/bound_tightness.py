@@ -492,7 +492,9 @@ def kd_vs_generic_section(args, long: pd.DataFrame, figs: list[str]) -> list[str
     lines = ["", "## KD bounds vs generic bounds", "",
              f"Reproduce: `python benchmarks/bound_tightness.py{' --quick' if args.quick else ''}"
              f"{only} --cmi {args.cmi}` (the long table of every row: `kd_vs_generic.csv`).", "",
-             "Every upper bound of `res.pooled` with its truth **on the bound's own loss** "
+             "Every upper bound of `res.pooled` (pooled bounds on the dataset-averaged gap: "
+             "a KD row here is at least the mean of the per-dataset bounds in the tables above) "
+             "with its truth **on the bound's own loss** "
              "(`loss`): the KD rows (B0/B1/B3 in parameter space, F_ in function space, "
              "B0_proj with the teacher projected on a rank-r student's subspace; an F_ row's "
              "truth is the noisy predictor's gap, `F:` in `KD truth`) bound the gap "
