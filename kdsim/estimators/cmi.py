@@ -126,35 +126,32 @@ def binary_kl(a: jax.Array, p: jax.Array) -> jax.Array:
     return t1 + t0
 
 
-@partial(jax.jit, static_argnames=("steps",))
-def kl_inverse_upper(a: jax.Array, r: jax.Array, steps: int = BISECTION_STEPS) -> jax.Array:
-    """``sup{p in [a, 1] : d(a || p) <= r}`` by bisection (``d(a||.)`` increases on [a, 1])."""
-    a = jnp.clip(a, 0.0, 1.0)
+def _bisect_sup(lo: jax.Array, holds, steps: int) -> jax.Array:
+    """``sup{x in [lo, 1] : holds(x)}`` for ``holds`` true on ``[lo, x*]`` and false
+    after, by ``steps`` bisections; the upper end is returned, which keeps a bound valid."""
 
     def body(_, lohi):
         lo, hi = lohi
         mid = 0.5 * (lo + hi)
-        ok = binary_kl(a, mid) <= r
+        ok = holds(mid)
         return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
 
-    # hi >= the supremum >= lo: the upper end keeps a bound valid
-    _, hi = jax.lax.fori_loop(0, steps, body, (a, jnp.ones_like(a)))
-    return jnp.where(binary_kl(a, jnp.ones_like(a)) <= r, 1.0, hi)
+    _, hi = jax.lax.fori_loop(0, steps, body, (lo, jnp.ones_like(lo)))
+    return jnp.where(holds(jnp.ones_like(lo)), 1.0, hi)
+
+
+@partial(jax.jit, static_argnames=("steps",))
+def kl_inverse_upper(a: jax.Array, r: jax.Array, steps: int = BISECTION_STEPS) -> jax.Array:
+    """``sup{p in [a, 1] : d(a || p) <= r}`` by bisection (``d(a||.)`` increases on [a, 1])."""
+    a = jnp.clip(a, 0.0, 1.0)
+    return _bisect_sup(a, lambda p: binary_kl(a, p) <= r, steps)
 
 
 @partial(jax.jit, static_argnames=("steps",))
 def kl_inverse_first(p: jax.Array, r: jax.Array, steps: int = BISECTION_STEPS) -> jax.Array:
     """``sup{x in [p, 1] : d(x || p) <= r}`` by bisection (``d(.||p)`` increases on [p, 1])."""
     p = jnp.clip(p, 0.0, 1.0)
-
-    def body(_, lohi):
-        lo, hi = lohi
-        mid = 0.5 * (lo + hi)
-        ok = binary_kl(mid, p) <= r
-        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
-
-    _, hi = jax.lax.fori_loop(0, steps, body, (p, jnp.ones_like(p)))
-    return jnp.where(binary_kl(jnp.ones_like(p), p) <= r, 1.0, hi)
+    return _bisect_sup(p, lambda x: binary_kl(x, p) <= r, steps)
 
 
 # ---------------------------------------------------------------------------------------
