@@ -82,8 +82,9 @@ def step_terms(loss_i: Callable, w: PyTree, examples: PyTree, data_grad: PyTree 
     if data_grad is None:
         data_grad = jax.tree_util.tree_map(lambda g: jnp.mean(g, axis=0), grads)
     dev = jax.tree_util.tree_map(lambda g, gb: g - gb[None], grads, data_grad)
-    loo = jnp.mean(_sq_norms(dev)) / max(n - 1, 1) ** 2     # n = 1: no leave-one-out (NaN later)
-    zero = jnp.mean(_sq_norms(grads)) / n**2
+    # float: (n - 1)^2 as a Python int overflows int32 beyond n = 46341
+    loo = jnp.mean(_sq_norms(dev)) / float(max(n - 1, 1)) ** 2   # n = 1: no leave-one-out (NaN later)
+    zero = jnp.mean(_sq_norms(grads)) / float(n) ** 2
     return jnp.stack([loo, zero])
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from scipy import stats as sps
 
+import kdsim
 from kdsim import generic_bounds as gb
 from kdsim import generic_tables
 from kdsim import run_populations
@@ -354,3 +355,12 @@ def test_sums_do_not_depend_on_the_layout(linear_runs):
     chunked = run_populations(cfg.replace({"particle_chunk": P // 2})).populations
     for name in ("traj_teacher", "traj_student"):
         np.testing.assert_allclose(getattr(chunked, name), getattr(whole, name), rtol=1e-9)
+
+
+def test_large_n_does_not_overflow():
+    """(n - 1)^2 beyond n = 46341 does not fit an int32: the sums stay finite and positive."""
+    res = kdsim.simulate({"task": {"d": 2, "k": 1, "n": 50_000}, "teacher": {"num_steps": 5},
+                          "num_datasets": 1, "num_particles": 4, "estimators": {"scratch": False}})
+    for col in ("traj_teacher", "traj_student"):
+        v = res.per_dataset[col].to_numpy(np.float64)
+        assert np.all(np.isfinite(v) & (v > 0)), col
