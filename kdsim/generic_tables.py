@@ -20,7 +20,7 @@ import pandas as pd
 from . import closed_form, streams
 from . import generic_bounds as gb
 from .bounds import VALIDITY_Z
-from .stats import mean_se
+from .stats import masked_mean_se
 from .tasks import linear_gaussian as lg
 
 MIN_PAIRS = 2
@@ -148,8 +148,7 @@ def trajectory_columns(pops, ok: np.ndarray, usable: np.ndarray, n: int) -> tupl
         cols[col], cols[col + "_se"] = np.full(E, np.nan), np.full(E, np.nan)
         if sums is None or (i == 0 and n < 2):
             continue
-        for e in np.flatnonzero(usable):
-            cols[col][e], cols[col + "_se"][e] = mean_se(sums[e, ok[e], i])
+        cols[col], cols[col + "_se"] = masked_mean_se(np.asarray(sums)[..., i], ok, usable)
     if getattr(pops, "traj_teacher", None) is None:
         notes.append("traj_*: NaN, estimators.trajectory_bounds = false")
     elif n < 2:
@@ -197,13 +196,14 @@ def clipped_truth(run, ok: np.ndarray, usable: np.ndarray, B: float) -> tuple[np
         te = np.asarray(_clipped_losses(params, np.asarray(Xt, np.float64),
                                         np.asarray(Yt, np.float64), B, apply=apply))
     gap = te.mean(-1) - tr.mean(-1)                                  # (E, P)
-    truth, se = np.full(E, np.nan), np.full(E, np.nan)
-    for e in np.flatnonzero(usable):
-        truth[e], se_p = mean_se(gap[e, ok[e]])
-        # the test points are shared by the particles: their own sampling noise
-        se_t = 0.0 if exact else float(np.std(te[e, ok[e]].mean(0), ddof=1) / np.sqrt(te.shape[-1]))
-        se[e] = np.hypot(se_p, se_t)
-    return truth, se
+    truth, se_p = masked_mean_se(gap, ok, usable)
+    # the test points are shared by the particles: their own sampling noise
+    if exact:
+        se_t = 0.0
+    else:
+        per_point = np.einsum("ep,epm->em", ok, te) / np.maximum(ok.sum(1), 1)[:, None]   # (E, m)
+        se_t = np.std(per_point, axis=-1, ddof=1) / np.sqrt(te.shape[-1])
+    return truth, np.where(usable, np.hypot(se_p, se_t), np.nan)
 
 
 def gibbs_inputs(run) -> gb.GibbsIdentity | None:
