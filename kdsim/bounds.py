@@ -20,9 +20,10 @@ B0's minimisation includes the optimal ``lam`` of B1 and B3 and B2's grid among 
 candidates, so with the same CGF B0 is never looser than B1, B2 or B3 whenever their
 assumptions hold at those points (SPEC §8).
 
-Optimisation has a fixed cost: a dense geometric grid of ``DENSE`` points, then
-``GOLDEN_STEPS`` golden-section steps (in ``log lam``) between the grid neighbours of
-the best point; every sup / self-consistency loop has a fixed number of iterations.
+Optimisation has a fixed cost: a geometric grid (``DV_GRID`` points: the DV objective is
+unimodal), then ``GOLDEN_STEPS`` golden-section steps (in
+``log lam``) between the grid neighbours of the best point; every sup /
+self-consistency loop has a fixed number of iterations.
 """
 
 from __future__ import annotations
@@ -36,9 +37,9 @@ import jax.numpy as jnp
 
 from .estimators.cgf import PooledCGF, empirical_batch, geomspace
 
-DENSE = 256
+DV_GRID = 64              # DV's bracketing grid: its objective is unimodal, so any grid brackets
 BLOCK_ELEMENTS = 1 << 23   # Lambda-grid numbers (lam x particle) held at once: 64 MiB
-GOLDEN_STEPS = 48          # bracket of width <= 0.22 in log lam -> < 1e-10 after 48 steps
+GOLDEN_STEPS = 48          # bracket <= 2 x 27.6 / 63 = 0.88 wide in log lam -> < 1e-10 after 48 steps
 SELF_CONSISTENCY_STEPS = 50
 VALIDITY_Z = 3.0
 _INVPHI = (math.sqrt(5.0) - 1.0) / 2.0
@@ -82,15 +83,16 @@ def dv_excess(kl, cgf, sign=1, candidates=None, candidate_mask=None):
     both tails.
     ``(KL + Lambda(lam))/lam`` is unimodal in lam (Lambda is convex with Lambda(0) = 0):
     a dense geometric grid, then golden-section refinement between the grid neighbours
-    of the best grid point. ``candidates`` ``(C,)`` (e.g. the optimal lam of B1 and B3;
-    ``candidate_mask`` marks the ones that count) are evaluated too; when one of them
-    beats every grid point it is the answer (no refinement). At ``KL = 0`` the minimum
+    of the best grid point (the grid only brackets the minimum: unimodality makes the
+    answer independent of its size). ``candidates`` ``(C,)`` (e.g. the optimal lam of B1
+    and B3; ``candidate_mask`` marks the ones that count) are evaluated too and the
+    smallest value found wins (every lam gives a valid bound). At ``KL = 0`` the minimum
     is the ``lam -> 0`` limit, 0.
     """
     lo, hi = _search_range(cgf, sign)
     ok_range = hi > lo
     hi_s = jnp.where(ok_range, hi, 2 * lo)
-    lams = geomspace(lo, hi_s, DENSE)
+    lams = geomspace(lo, hi_s, DV_GRID)
     # Lambda on the grid and at the candidates does not depend on KL: computed once for
     # every KL of the batch (kl may be an array; Lambda's evaluations dominate the cost)
     L_grid = cgf.fn(sign * lams)
@@ -108,15 +110,15 @@ def dv_excess(kl, cgf, sign=1, candidates=None, candidate_mask=None):
         i = jnp.nanargmin(vals)
         best, best_lam = vals[i], lams[i]
         a = jnp.log(lams[jnp.maximum(i - 1, 0)])
-        b = jnp.log(lams[jnp.minimum(i + 1, DENSE - 1)])
+        b = jnp.log(lams[jnp.minimum(i + 1, DV_GRID - 1)])
         t, ft = _golden_min(lambda t: objective(jnp.exp(t)), a, b)
         better = (b > a) & (ft < best)
         best, best_lam = jnp.where(better, ft, best), jnp.where(better, jnp.exp(t), best_lam)
         if candidates is not None:
             cvals = jnp.where(valid, (kl + L_cand) / safe, jnp.inf)
             j = jnp.argmin(cvals)
-            # a candidate strictly below every grid point wins, unrefined (ties go to the grid)
-            wins = cvals[j] < vals[i]
+            # a candidate strictly below the refined grid minimum wins (ties go to the grid)
+            wins = cvals[j] < best
             best, best_lam = jnp.where(wins, cvals[j], best), jnp.where(wins, safe[j], best_lam)
         best = jnp.where(ok_range, best, jnp.inf)
         best_lam = jnp.where(ok_range, best_lam, jnp.nan)
@@ -133,23 +135,28 @@ def dv_excess(kl, cgf, sign=1, candidates=None, candidate_mask=None):
 def subgaussian_sigma2(cgf, lam_max):
     """``sup_{0 < lam <= lam_max} 2 Lambda(lam) / lam^2``, including the lam -> 0 limit Var.
 
-    Empirical CGF: over its grid. Exact: a dense grid refined by golden section.
+    Empirical CGF: over its grid. Exact: the endpoints, by :func:`_exact_ratio_sup`.
     """
     if cgf.kind == "empirical":
         g, m = cgf.grid(+1)
         m = m & (g <= lam_max)
         vals = jnp.where(m, cgf.ratio(g), -jnp.inf)
         return jnp.maximum(cgf.variance, vals.max())
-    lo = 1e-6 / cgf.scale
     hi = jnp.where(jnp.isfinite(lam_max), lam_max, 1e6 / cgf.scale)
-    grid = geomspace(lo, hi, DENSE)
-    vals = cgf.ratio(grid)
-    best = jnp.maximum(cgf.variance, vals.max())
-    i = jnp.argmax(vals)
-    a = jnp.log(grid[jnp.maximum(i - 1, 0)])
-    b = jnp.log(grid[jnp.minimum(i + 1, DENSE - 1)])
-    _, neg = _golden_min(lambda t: -cgf.ratio(jnp.exp(t)), a, b)
-    return jnp.where(b > a, jnp.maximum(best, -neg), best)
+    return _exact_ratio_sup(cgf, hi)
+
+
+def _exact_ratio_sup(cgf, hi):
+    """``sup_{0 < lam <= hi} 2 Lambda(lam) / lam^2`` of an exact CGF (``hi`` inside its domain).
+
+    The ratio is ``sum_i k kappa_i^2 chi(lam kappa_i) + A_i / (1 - lam kappa_i)`` with
+    ``chi(x) = (-log(1 - x) - x) / x^2 = int_0^1 (1 - t) (1 - t x)^{-2} dt``, convex in x
+    on x < 1 (its integrand is), and ``A_i >= 0``: a sum of convex functions of lam on the
+    domain, so its sup over ``[0, hi]`` is at an endpoint: ``lam -> 0`` (the variance)
+    or ``hi``. (tests/test_bounds_reference.py checks this against a dense grid refined
+    by a scalar optimiser.)
+    """
+    return jnp.maximum(cgf.variance, cgf.ratio(hi))
 
 
 def subgaussian_excess(kl, sigma2, lam_max):
@@ -244,8 +251,8 @@ def subgaussian_holds(check, sigma2, lam_max, z: float = VALIDITY_Z):
         sup = check.lam_sup
         hi = jnp.where(jnp.isfinite(sup), jnp.minimum(lam_max, sup * (1 - 1e-9)), lam_max)
         hi = jnp.where(jnp.isfinite(hi), hi, 1e6 / check.scale)
-        grid = geomspace(1e-6 / check.scale, hi, 4 * DENSE)
-        ok = jnp.all(check.ratio(grid) <= sigma2 * (1 + 1e-9))
+        # the ratio is convex in lam (see _exact_ratio_sup): its sup is at an endpoint
+        ok = _exact_ratio_sup(check, hi) <= sigma2 * (1 + 1e-9)
         # Lambda is infinite inside the claimed range
         ok &= ~(jnp.isfinite(lam_max) & (lam_max >= sup))
     else:
@@ -396,7 +403,7 @@ def _dataset_bounds(x: DatasetInputs, fit, check, c_lam, sigma_bounded, has_b3) 
     # datasets in batches whose Lambda grids stay within BLOCK_ELEMENTS numbers (a power
     # of two, as the bucketed dataset count: no remainder batch, one copy of the body)
     size = max(_cgf_size(fit), _cgf_size(check))
-    batch = max(1, min(x.kl.shape[0], BLOCK_ELEMENTS // (2 * DENSE * size)))
+    batch = max(1, min(x.kl.shape[0], BLOCK_ELEMENTS // (2 * DV_GRID * size)))
     out = jax.lax.map(one, (x, fit, check), batch_size=batch)
     return out._replace(value=out.value.T, valid=out.valid.T, assumption=out.assumption.T)
 

@@ -170,8 +170,10 @@ def dv_excess(kl: float, cgf: CGF, sign: int = 1,
     """``min_{lam > 0} (KL + Lambda(sign * lam)) / lam`` and its minimiser.
 
     ``(KL + Lambda(lam))/lam`` is unimodal in lam (Lambda is convex with Lambda(0) = 0),
-    so a dense geometric grid plus a bounded scalar refinement finds the minimum;
-    ``candidates`` (e.g. the optimal lam of B1 and B3) are always evaluated too.
+    so a dense geometric grid plus a bounded scalar refinement finds the minimum (the
+    package brackets with a coarser grid: agreement shows the grid does not matter);
+    ``candidates`` (e.g. the optimal lam of B1 and B3) are always evaluated too and the
+    smallest value found wins.
     At ``KL = 0`` the minimum is the ``lam -> 0`` limit, 0.
     """
     if kl == 0.0:
@@ -182,19 +184,23 @@ def dv_excess(kl: float, cgf: CGF, sign: int = 1,
     if not hi > lo:
         return math.inf, math.nan
     extra = np.asarray([c for c in candidates if np.isfinite(c) and 0 < c <= hi], np.float64)
-    lams = np.concatenate([np.geomspace(lo, hi, DENSE), extra])
+    lams = np.geomspace(lo, hi, DENSE)
     objective = lambda lam: (kl + cgf.fn(sign * lam)) / lam
     vals = objective(lams)
     i = int(np.nanargmin(vals))
     best, best_lam = float(vals[i]), float(lams[i])
-    if i < DENSE:
-        a = math.log(lams[max(i - 1, 0)])
-        b = math.log(lams[min(i + 1, DENSE - 1)])
-        if b > a:
-            res = minimize_scalar(lambda t: float(objective(np.exp(t))), bounds=(a, b),
-                                  method="bounded", options={"xatol": 1e-10})
-            if res.fun < best:
-                best, best_lam = float(res.fun), float(np.exp(res.x))
+    a = math.log(lams[max(i - 1, 0)])
+    b = math.log(lams[min(i + 1, DENSE - 1)])
+    if b > a:
+        res = minimize_scalar(lambda t: float(objective(np.exp(t))), bounds=(a, b),
+                              method="bounded", options={"xatol": 1e-10})
+        if res.fun < best:
+            best, best_lam = float(res.fun), float(np.exp(res.x))
+    if extra.size:      # every lam gives a valid bound: the smallest value found wins
+        cvals = objective(extra)
+        j = int(np.argmin(cvals))
+        if cvals[j] < best:
+            best, best_lam = float(cvals[j]), float(extra[j])
     return best, best_lam
 
 

@@ -195,3 +195,29 @@ def test_empirical_cgf_arrays_match_the_scalar_cgf():
             np.testing.assert_allclose(one.se(lam), want.se(lam), rtol=1e-9, atol=1e-12)
             grid, mask = one.grid(-1)
             np.testing.assert_allclose(grid[mask], want.grid(-1), rtol=1e-14)
+
+
+def test_exact_sub_gaussian_ratio_is_convex_so_its_sup_is_at_an_endpoint():
+    """The package takes sup 2 Lambda / lam^2 of an exact CGF at the endpoints (0 and
+    lam_max) because the ratio is convex on the domain. Checked here on Lambda written
+    directly from its definition, for every sign pattern of kappa: second differences
+    on a fine grid are >= 0, and no grid point beats the package's sigma^2."""
+    rng = np.random.default_rng(11)
+    kappas = _kappas(rng, 16, 6)
+    with jax.enable_x64(True):
+        for e, kap in enumerate(kappas):
+            A, k = rng.uniform(0, 1, 6) * rng.choice([0.0, 1.0]), 2.0
+            kmax = kap.max()
+            hi = 0.999 / kmax if kmax > 0 else 50.0
+            lam = np.linspace(1e-3 * hi, hi, 4001)
+            x = lam[:, None] * kap
+            Lam = np.sum(k * (-0.5 * np.log1p(-x) - 0.5 * x) + lam[:, None] ** 2 * A / (2 * (1 - x)), 1)
+            r = 2 * Lam / lam**2
+            second = r[2:] - 2 * r[1:-1] + r[:-2]
+            assert second.min() >= -1e-9 * np.abs(r).max(), (e, second.min())
+            c = cgf.exact(kap, A, k)
+            c = jax.tree_util.tree_map(jnp.asarray, c)
+            sigma2 = float(bounds.subgaussian_sigma2(c, jnp.float64(hi)))
+            var = float(c.variance)
+            assert sigma2 == pytest.approx(max(var, r[-1]), rel=1e-9)
+            assert r.max() <= sigma2 * (1 + 1e-9)
