@@ -16,7 +16,7 @@ import pandas as pd
 
 from . import io, plots
 from .config import SimConfig
-from .stats import bootstrap_ci
+from .stats import bootstrap_ci_columns
 
 SUMMARY_COLUMNS = ("mean", "se", "ci_low", "ci_high", "n_datasets")
 
@@ -26,10 +26,11 @@ def summarize(per_dataset: pd.DataFrame, seed: int = 0, level: float = 0.95) -> 
 
     One row per numeric column of ``per_dataset`` (``dataset`` excepted). A column with
     a NaN in any dataset summarises to NaN (never averaged away: the notes name it);
-    an infinite column summarises to its infinite mean with NaN spread.
+    an infinite column summarises to its infinite mean with NaN spread. The bootstrap
+    resamples the datasets once for all columns (:func:`kdsim.stats.bootstrap_ci_columns`).
     """
     rng = np.random.default_rng([seed, 0x5EED])
-    rows = {}
+    rows, finite = {}, []
     for col in per_dataset.columns:
         if col in ("dataset", "supersample", "mask"):     # indices, not quantities
             continue
@@ -41,8 +42,13 @@ def summarize(per_dataset: pd.DataFrame, seed: int = 0, level: float = 0.95) -> 
             rows[col] = (float(v.mean()), np.nan, np.nan, np.nan, n)
         else:
             se = v.std(ddof=1) / np.sqrt(n) if n > 1 else np.nan
-            lo, hi = bootstrap_ci(v, rng, level)
-            rows[col] = (float(v.mean()), float(se), lo, hi, n)
+            rows[col] = (float(v.mean()), float(se), np.nan, np.nan, n)
+            finite.append(col)
+    if finite:      # every finite column's CI from one shared set of resamples
+        values = per_dataset[finite].to_numpy(dtype=np.float64)
+        lo, hi = bootstrap_ci_columns(values, rng, level)
+        for col, a, b in zip(finite, lo, hi):
+            rows[col] = rows[col][:2] + (float(a), float(b)) + rows[col][4:]
     out = pd.DataFrame.from_dict(rows, orient="index", columns=list(SUMMARY_COLUMNS))
     out["n_datasets"] = out["n_datasets"].astype(np.int64)
     out.index.name = "quantity"

@@ -25,10 +25,28 @@ def bootstrap_ci(x: np.ndarray, rng: np.random.Generator, level: float = 0.95,
     x = np.asarray(x, np.float64)
     if x.size < 2:
         return float("nan"), float("nan")
-    idx = rng.integers(0, x.size, size=(num_resamples, x.size))
-    means = x[idx].mean(axis=1)
-    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(lo), float(hi)
+    lo, hi = bootstrap_ci_columns(x.reshape(-1, 1), rng, level, num_resamples)
+    return float(lo[0]), float(hi[0])
+
+
+def bootstrap_ci_columns(X: np.ndarray, rng: np.random.Generator, level: float = 0.95,
+                         num_resamples: int = 2000) -> tuple[np.ndarray, np.ndarray]:
+    """Percentile bootstrap CIs of the mean of every column of ``X`` ``(n, C)``, ``(C,)`` each.
+
+    The columns share one set of resamples of the n rows (a paired bootstrap: each
+    column's interval has its usual law). A resample is a multinomial count vector, so
+    the resampled means are one ``(R, n) x (n, C)`` product. NaN if ``n < 2``.
+    """
+    X = np.asarray(X, np.float64)
+    n, C = X.shape
+    if n < 2:
+        return np.full(C, np.nan), np.full(C, np.nan)
+    counts = rng.multinomial(n, np.full(n, 1.0 / n), size=num_resamples).astype(np.float64)
+    means = counts @ X / n
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2], axis=0)
+    # a constant column's resampled means may differ from it in the last bit
+    const = (X == X[:1]).all(axis=0)
+    return np.where(const, X[0], lo), np.where(const, X[0], hi)
 
 
 def jackknife_masks(n: int, num_groups: int = 32) -> np.ndarray:
