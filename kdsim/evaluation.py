@@ -402,15 +402,23 @@ def _sharpness_impl(centres, points, rho, data, shared, v_top, probes, v_gap, *,
       ``(top, trace, trace_se, G, S, sam)``, each ``(E,)``.
     """
 
+    # few parameters: exact eigenvalues from the full Hessian (p batched HVPs) instead of
+    # num_iters sequential power-iteration HVPs
+    dense = v_top.shape[-1] <= sharpness.DENSE_MAX       # then v_top, v_gap are empty
+
     def one(c, pts, r, data_e, v_top, probes, v_gap):
         loss = lambda w: fns.loss(w, data_e, shared)
         gap = lambda w: fns.gap(w, data_e, shared)
-        top = sharpness.top_eigenvalue(loss, c, num_iters=num_iters, v0=v_top)
+        allpts = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), c, pts)
+        if dense:
+            top = sharpness.hessian_eigenvalues(loss, c)[-1]
+            S = jax.vmap(lambda w: jnp.abs(sharpness.hessian_eigenvalues(gap, w)).max())(allpts).max()
+        else:
+            top = sharpness.top_eigenvalue(loss, c, num_iters=num_iters, v0=v_top)
+            S = jax.lax.map(lambda wv: sharpness.largest_abs_eigenvalue(
+                gap, wv[0], num_iters=num_iters, v0=wv[1]), (allpts, v_gap)).max()
         trace, trace_se = sharpness.hutchinson_trace(loss, c, probes=probes)
         G = sharpness.gradient_norm(gap, c)
-        allpts = jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a[None], b]), c, pts)
-        S = jax.lax.map(lambda wv: sharpness.largest_abs_eigenvalue(gap, wv[0], num_iters=num_iters,
-                                                                    v0=wv[1]), (allpts, v_gap)).max()
         sam = sharpness.sam_sharpness(loss, c, r)
         return top, trace, trace_se, G, S, sam
 
@@ -458,8 +466,11 @@ def sharpness_stage(ctx: Context, so_far: Produced) -> StageOutput:
     E = len(ctx.usable)
     Q = jax.tree_util.tree_leaves(ball.points)[0].shape[1]
     with jax.enable_x64(prob.dtype == jnp.float64):
+        # power-iteration starts only where the Hessian is too big to build (an entry's
+        # draws do not depend on the others': the probes are the same either way)
+        it = 0 if ball.p_dim <= sharpness.DENSE_MAX else 1
         v_top, probes, v_gap = start_vectors(
-            cfg.seed, E, 0, ((2, ball.p_dim), (prob.num_probes, ball.p_dim), (Q + 1, ball.p_dim)),
+            cfg.seed, E, 0, ((2 * it, ball.p_dim), (prob.num_probes, ball.p_dim), ((Q + 1) * it, ball.p_dim)),
             prob.dtype, rademacher=(1,))
         cast = lambda t: jax.tree_util.tree_map(lambda a: jnp.asarray(a, prob.dtype), t)
         program = _sharpness_small if prob.small else _sharpness

@@ -58,6 +58,27 @@ def test_top_eigenvalue_when_the_dominant_one_is_negative():
         assert float(sharpness.largest_abs_eigenvalue(f, w, jax.random.key(1), 300)) == pytest.approx(5.0, rel=1e-6)
 
 
+def test_dense_hessian_eigenvalues_match_finite_differences_and_a_known_spectrum():
+    """The full-Hessian path (few parameters): every eigenvalue against a central finite
+    difference of the gradient (independent of forward-over-reverse), and a diagonal
+    quadratic whose spectrum is known."""
+    with jax.enable_x64(True):
+        f, point = _nonquadratic()
+        point = jax.tree_util.tree_map(lambda x: x.astype(jnp.float64), point)
+        flat, unravel = ravel_pytree(point)
+        grad = jax.grad(lambda v: f(unravel(v)))
+        h = 1e-5
+        fd = np.stack([(np.asarray(grad(flat + h * e)) - np.asarray(grad(flat - h * e))) / (2 * h)
+                       for e in np.eye(flat.size)], axis=1)
+        want = np.linalg.eigvalsh(0.5 * (fd + fd.T))
+        got = np.asarray(sharpness.hessian_eigenvalues(f, point))
+        np.testing.assert_allclose(got, want, rtol=1e-7, atol=1e-8)
+        assert want.min() < 0 < want.max()            # mixed signs: |min| and max both matter
+        H = jnp.diag(jnp.asarray([-5.0, 1.0, 2.0]))
+        got = sharpness.hessian_eigenvalues(lambda w: 0.5 * w @ H @ w, jnp.ones(3))
+        np.testing.assert_allclose(got, [-5.0, 1.0, 2.0], rtol=1e-12)
+
+
 def test_sam_against_the_exact_maximum_over_the_ball():
     """Quadratic f: the exact max over ||e|| <= rho (trust region) bounds SAM's one step,
     and SAM is first-order exact as rho -> 0."""

@@ -72,6 +72,21 @@ def top_eigenvalue(f: Callable, w: PyTree, key: jax.Array | None = None, num_ite
     return jnp.where(first.eigenvalue >= 0, first.eigenvalue, shifted.eigenvalue + shift)
 
 
+def hessian_eigenvalues(f: Callable, w: PyTree) -> jax.Array:
+    """All eigenvalues (ascending, ``(p,)``) of the Hessian of ``f`` at ``w``, built from
+    p Hessian-vector products (one batched product: forward over reverse).
+
+    For small p this is exact and cheaper than power iteration, whose steps are
+    sequential: :data:`DENSE_MAX` is where :func:`kdsim.evaluation` switches.
+    """
+    ff, flat = _flat(f, w)
+    H = jax.vmap(lambda v: hvp(ff, flat, v))(jnp.eye(flat.shape[0], dtype=flat.dtype))
+    return jnp.linalg.eigvalsh(0.5 * (H + H.T))
+
+
+DENSE_MAX = 64   # parameters up to which the Hessian's eigenvalues come from the full matrix
+
+
 def hutchinson_trace(f: Callable, w: PyTree, key: jax.Array | None = None, num_probes: int = 128,
                      probes: jax.Array | None = None):
     """Hutchinson trace ``E[z^T H z]`` with Rademacher probes ``(num_probes, p)``
