@@ -69,16 +69,27 @@ class Predictions(NamedTuple):
 def _gaussian_channel_gaps(keys, r_train, r_ghost, nu_p, *, draws: int):
     """``g_F`` of the Gaussian channel, ``(P, draws)``, from residuals ``y - f_w(x)``.
 
+    With ``a`` the residuals of one set (D = points x k numbers) and ``z`` its channel
+    noise, the set's mean loss is ``(||a||^2 / 2 - nu_p a.z + nu_p^2 ||z||^2 / 2) / points``,
+    and ``(a.z, ||z||^2)`` has exactly the law of ``(||a|| u, u^2 + c)`` with ``u`` standard
+    normal and ``c`` chi-square with D - 1 degrees of freedom, independent (rotate z so
+    that a is along its first axis). So a draw costs four random numbers, not D.
+
     Args:
       keys: ``(P,)`` channel keys; r_train ``(P, n, k)``; r_ghost ``(P, m, k)``.
     """
-    n, m = r_train.shape[1], r_ghost.shape[1]
+    def mean_loss(key, r):
+        ku, kc = jax.random.split(key)
+        D = r.size
+        u = streams.normal(ku, (draws,), r.dtype)
+        c = jax.random.chisquare(kc, D - 1, (draws,), r.dtype) if D > 1 else jnp.zeros(draws, r.dtype)
+        norm2 = jnp.sum(r * r)
+        loss = 0.5 * norm2 - nu_p * jnp.sqrt(norm2) * u + 0.5 * nu_p**2 * (u * u + c)
+        return loss / r.shape[0]
 
     def one(key, rt, rg):
-        z = streams.normal(key, (draws, n + m) + rt.shape[1:], rt.dtype)
-        lt = 0.5 * jnp.sum((rt[None] - nu_p * z[:, :n]) ** 2, axis=-1).mean(-1)
-        lg_ = 0.5 * jnp.sum((rg[None] - nu_p * z[:, n:]) ** 2, axis=-1).mean(-1)
-        return lg_ - lt
+        kt, kg = jax.random.split(key)
+        return mean_loss(kg, rg) - mean_loss(kt, rt)
 
     return jax.vmap(one)(keys, r_train, r_ghost)
 

@@ -2,8 +2,10 @@
 checked against truths computed here (NumPy closed forms on the same ghost points)."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from scipy import stats as sps
 
 import kdsim
 from kdsim import bounds, evaluation, streams
@@ -142,3 +144,27 @@ def test_plugging_the_predictive_kl_into_parameter_space_bounds_violates_them():
     assert np.all(df["klpred_exact"] < truth["kl"])
     # and the parameter-space B0 that kdsim reports holds on the truth (3 se of gen_T)
     assert np.all(df["B0_upper"] >= truth["gen_S"] - 3 * df["gen_T_se"])
+
+
+def test_gaussian_channel_draws_have_the_law_of_the_per_point_noise():
+    """The Gaussian channel's g_F is drawn from four numbers per draw (the residuals'
+    direction and a chi-square); its law must be that of adding nu_p z to every point.
+    Against a brute-force NumPy sample of the per-point noise (two-sample KS), and the
+    exact mean and variance (z-scores; the variance's se from the fourth moment)."""
+    rng = np.random.default_rng(5)
+    n, m, k, nu, draws = 12, 20, 2, 0.7, 20_000
+    rt, rg = rng.normal(size=(n, k)), 1.5 * rng.normal(size=(m, k))
+    got = np.asarray(fs._gaussian_channel_gaps(
+        jax.random.key(3)[None], jnp.asarray(rt[None]), jnp.asarray(rg[None]), jnp.float32(nu),
+        draws=draws))[0].astype(np.float64)
+    z = rng.normal(size=(draws, n + m, k))
+    brute = (0.5 * np.sum((rg - nu * z[:, n:]) ** 2, (1, 2)) / m
+             - 0.5 * np.sum((rt - nu * z[:, :n]) ** 2, (1, 2)) / n)
+    assert sps.ks_2samp(got, brute).pvalue > 1e-3
+    mean = (0.5 * np.sum(rg**2) + 0.5 * nu**2 * m * k) / m - (0.5 * np.sum(rt**2) + 0.5 * nu**2 * n * k) / n
+    var = ((nu**2 * np.sum(rg**2) + nu**4 * m * k / 2) / m**2
+           + (nu**2 * np.sum(rt**2) + nu**4 * n * k / 2) / n**2)
+    assert abs(got.mean() - mean) / np.sqrt(var / draws) < 4
+    c = got - got.mean()
+    var_se = np.sqrt((np.mean(c**4) - got.var() ** 2) / draws)
+    assert abs(got.var() - var) / var_se < 4
