@@ -361,7 +361,8 @@ class EstimatorsConfig(_Validated):
     channel_draws: int = _f(4, _Int(1, 10_000), static=True,
                             doc="channel noise draws per teacher particle for the function-space CGF")
     power_iterations: int = _f(50, _Int(1, 100_000), static=True,
-                                doc="power-iteration steps for the top Hessian eigenvalue")
+                                doc="power-iteration steps for the top Hessian eigenvalue (models of more "
+                                    "than 64 parameters; smaller ones use the exact eigenvalues)")
     hutchinson_probes: int = _f(64, _Int(2, 100_000), static=True,
                                  doc="Rademacher probes of the Hutchinson Hessian trace")
     curvature_points: int = _f(8, _Int(0, 1 << 20), static=True,
