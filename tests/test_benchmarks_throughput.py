@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+MACHINE = dict(device="cpu", cpu_count=2, machine="x86_64", python="3", jax="0", kdsim="0", date="today")
+
 
 @pytest.fixture(scope="module")
 def throughput():
@@ -59,3 +61,16 @@ def test_compare_flags_a_halved_ratio_and_passes_an_unchanged_one(throughput, tm
     noisy.write_text(json.dumps(_result(2.0, spread=0.1)))
     assert throughput.compare(_result(1.4, spread=0.1), str(noisy)) == 0
     assert throughput.compare(_result(0.7, spread=0.1), str(noisy)) == 1
+
+
+def test_engine_targets_are_speed_ups_over_each_baseline(throughput):
+    """The lean engine target reads seconds: baseline / engine >= 1.8 is met."""
+    result = {"machine": {"platform": "cpu"}, "rows": [], "engine_vs": [
+        {"config": "lean", "particles": 1024, "steps": 4000, "spread": 0.0,
+         "seconds": {"kdsim engine": 1.0, "minimal JAX": 2.0, "BlackJAX sgld": 1.5}}]}
+    lines = throughput.targets_met(result)
+    assert lines == ["lean: engine (teacher + student) 2.00x minimal JAX (target >= 1.8): met",
+                     "lean: engine (teacher + student) 1.50x BlackJAX sgld (target >= 1.8): NOT met"]
+    assert "| BlackJAX sgld | 1.50 | 1.50x |" in throughput.markdown({**result, "args": "",
+                                                                       "machine": {**result["machine"],
+                                                                                   **MACHINE}})
