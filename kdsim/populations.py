@@ -346,7 +346,8 @@ def run_linear(root: jax.Array, res: Resolved, data: lg.LinearData, datasets: np
         # property of the shapes): whether Girsanov applies depends on numeric fields
         # (step sizes, initial scales), and flipping it must not recompile.
         accumulate = static.full_student
-        traj_S_m = traj_m
+        # no student steps, no sums: skip the partners' (E, P, n, k) soft labels
+        traj_S_m = traj_m if static.student_steps > 0 else 0
         XPi = lay.datasets(_cast(data.X @ data.Pi, dtype)) if traj_S_m else None
         if traj_S_m and numeric.teacher_noise != 0:
             SqrtCxx, PinvCxx = lay.datasets(_cast((symmetric_sqrt(data.Cxx),
@@ -354,6 +355,8 @@ def run_linear(root: jax.Array, res: Resolved, data: lg.LinearData, datasets: np
         t0 = time.perf_counter()
         students, girsanov, traj_S = student(numeric.alpha, numeric.teacher_noise, accumulate,
                                              "student", traj_S_m)
+        if traj_m and not traj_S_m:
+            traj_S = np.zeros(teacher_w.shape[:2] + (2,))
         if not res.girsanov:
             girsanov = None
         student_v = np.asarray(students.position)

@@ -364,3 +364,14 @@ def test_large_n_does_not_overflow():
     for col in ("traj_teacher", "traj_student"):
         v = res.per_dataset[col].to_numpy(np.float64)
         assert np.all(np.isfinite(v) & (v > 0)), col
+
+
+def test_no_student_steps_means_zero_student_sums_without_the_soft_labels():
+    """A teacher-only run (student.langevin.num_steps = 0) carries the teacher's sums and
+    zero student sums (nothing was accumulated), without building the partners'
+    (E, P, n, k) soft labels."""
+    pops = kdsim.run_populations({"task": {"d": 3, "k": 2, "n": 16}, "teacher": {"num_steps": 20},
+                                  "student": {"langevin": {"num_steps": 0}},
+                                  "num_datasets": 2, "num_particles": 4}).populations
+    assert pops.traj_student.shape == (2, 4, 2) and not pops.traj_student.any()
+    assert pops.traj_teacher.shape == (2, 4, 2) and (pops.traj_teacher > 0).all()
